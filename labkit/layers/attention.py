@@ -1,0 +1,80 @@
+"""Attention: one layer's paged KV cache and the backend that reads/writes it.
+
+Two ways in:
+- `metadata is None` (the reference path): one contiguous causal attention over the given
+  tokens, no KV cache. Used to check logits against HF transformers.
+- `metadata` set (the engine path): write this step's K/V into the paged cache
+  (`store_kv`), then `paged_prefill` (new tokens attend to cached prefix + themselves) or
+  `paged_decode` (one new token per sequence).
+
+The backend is the seam the Triton issue replaces: `TorchAttentionBackend` calls the PyTorch
+references in kernels/; a Triton backend offers the same four methods.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go and what they read, built by the ModelRunner."""
+    is_prefill: bool
+    slot_mapping: torch.Tensor           # (N,) int64: cache slot of each new token, -1 = skip
+    block_tables: torch.Tensor           # (B, max_blocks) int32
+    context_lens: torch.Tensor           # (B,) int32: tokens in cache after this step
+    cu_seqlens_q: Optional[torch.Tensor] = None   # (B+1,) int32, prefill only
+    max_seqlen_q: int = 1
+
+
+class TorchAttentionBackend:
+    """The readable reference path (kernels/paged_attention.py)."""
+    name = "torch"
+
+    def __init__(self):
+        from kernels import paged_attention as ref
+        self.ref = ref
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        self.ref.store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill(self, q, k, v, k_cache, v_cache, md: AttentionMetadata, scale: float):
+        return self.ref.paged_prefill(q, k, v, k_cache, v_cache, md.block_tables,
+                                      md.cu_seqlens_q, md.context_lens, scale)
+
+    def decode(self, q, k_cache, v_cache, md: AttentionMetadata, scale: float):
+        return self.ref.paged_decode(q, k_cache, v_cache, md.block_tables, md.context_lens, scale)
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention with GQA over a paged KV cache (one layer)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.backend: TorchAttentionBackend | None = None
+        self.k_cache: torch.Tensor | None = None   # (num_blocks, block_size, Hkv, D), set by the runner
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q, k, v, metadata: AttentionMetadata | None = None) -> torch.Tensor:
+        """q (..., Hq, D), k/v (..., Hkv, D) -> (..., Hq, D)."""
+        if metadata is None:
+            return self._dense_causal(q, k, v)
+        self.backend.store_kv(k, v, self.k_cache, self.v_cache, metadata.slot_mapping)
+        if metadata.is_prefill:
+            return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, metadata, self.scale)
+        return self.backend.decode(q, self.k_cache, self.v_cache, metadata, self.scale)
+
+    def _dense_causal(self, q, k, v):
+        # (B, L, H, D) -> (B, H, L, D) for SDPA; GQA by repeating each KV head
+        group = self.num_heads // self.num_kv_heads
+        q, k, v = (t.transpose(-3, -2) for t in (q, k, v))               # (B, H*, L, D)
+        k = k.repeat_interleave(group, dim=-3)                            # (B, Hq, L, D)
+        v = v.repeat_interleave(group, dim=-3)                            # (B, Hq, L, D)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return out.transpose(-3, -2)                                      # (B, L, Hq, D)
