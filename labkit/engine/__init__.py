@@ -1,0 +1,1 @@
+"""The engine: Sequence, BlockManager, Scheduler, ModelRunner, Sampler, LLMEngine, AsyncEngine."""

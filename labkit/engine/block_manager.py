@@ -1,0 +1,159 @@
+"""BlockManager: a fixed pool of KV blocks with reference counts and prefix caching.
+
+Every block holds `block_size` tokens of K/V for every layer. A sequence owns a block table
+(list of block ids). Prefix caching (vLLM's automatic prefix caching): a *full, computed*
+block is named by a chained hash of (previous block's hash, its token ids), so two requests
+sharing a prefix share the same physical blocks. When its last user finishes, a named block
+is not wiped: it waits in an LRU list and is reused on a hash hit, or evicted (oldest first)
+when a fresh block is needed.
+
+    free  = blocks with ref_count 0 (never-named ones + named ones in the LRU list)
+    used  = blocks with ref_count > 0;    cached = named blocks with ref_count 0
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from labkit.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple = ()
+
+
+def chain_hash(prev: int | None, tokens) -> int:
+    return hash((prev, tuple(tokens)))
+
+
+@dataclass
+class BlockStats:
+    prefix_cache_queries: int = 0      # full prompt blocks looked up
+    prefix_cache_hits: int = 0         # of those, found in the cache
+    evictions: int = 0
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        assert num_blocks > 0 and block_size > 0
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_ids: deque[int] = deque(range(num_blocks))   # unnamed, ref 0
+        self.lru: OrderedDict[int, None] = OrderedDict()      # named, ref 0 (oldest first)
+        self.hash_to_block: dict[int, int] = {}
+        self.stats = BlockStats()
+
+    # ------------------------------------------------------------------ counts
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_ids) + len(self.lru)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.lru)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    # ------------------------------------------------------------------ prefix lookup
+    def _prefix_hits(self, seq: Sequence) -> list[int]:
+        """Block ids of the longest cached prefix of seq. The last token is never a hit: the
+        step must compute at least one token to produce logits (as vLLM does)."""
+        if not self.enable_prefix_caching:
+            return []
+        hits, h = [], None
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            tokens = seq.block_tokens(i)
+            h = chain_hash(h, tokens)
+            bid = self.hash_to_block.get(h)
+            if bid is None or self.blocks[bid].token_ids != tuple(tokens):
+                break
+            hits.append(bid)
+        return hits
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._prefix_hits(seq)
+        reusable = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # hits now in the LRU
+        return self.num_free - reusable >= seq.blocks_needed() - len(hits)
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        hits = self._prefix_hits(seq)
+        self.stats.prefix_cache_queries += (seq.num_tokens - 1) // self.block_size if self.enable_prefix_caching else 0
+        self.stats.prefix_cache_hits += len(hits)
+        for bid in hits:
+            self._take(bid)
+        seq.block_table = list(hits)
+        while len(seq.block_table) < seq.blocks_needed():
+            seq.block_table.append(self._take(self._fresh_block_id()))
+        seq.num_computed_tokens = seq.num_prefix_hit_tokens = len(hits) * self.block_size
+
+    def can_append(self, seq: Sequence) -> bool:
+        return seq.blocks_needed() <= len(seq.block_table) or self.num_free > 0
+
+    def append_slot(self, seq: Sequence) -> None:
+        """Make room for the token the next decode step writes."""
+        if seq.blocks_needed() > len(seq.block_table):
+            seq.block_table.append(self._take(self._fresh_block_id()))
+        assert seq.blocks_needed() == len(seq.block_table)
+
+    def commit(self, seq: Sequence) -> None:
+        """After a step: name the sequence's newly full, computed blocks for prefix caching."""
+        if not self.enable_prefix_caching:
+            return
+        h = None
+        for i in range(seq.num_computed_tokens // self.block_size):
+            block = self.blocks[seq.block_table[i]]
+            tokens = tuple(seq.block_tokens(i))
+            h = chain_hash(h, tokens)
+            if block.hash == h:
+                continue
+            if block.hash is not None or h in self.hash_to_block:
+                continue   # shared/renamed block or a duplicate of a cached one: keep the first
+            block.hash, block.token_ids = h, tokens
+            self.hash_to_block[h] = block.block_id
+
+    def free(self, seq: Sequence) -> None:
+        """Release a sequence's blocks (finish, abort or preemption). Tail blocks go into the
+        LRU first, so they are evicted before the shared prefix blocks."""
+        for bid in reversed(seq.block_table):
+            block = self.blocks[bid]
+            assert block.ref_count > 0, f"double free of block {bid}"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is not None:
+                    self.lru[bid] = None
+                else:
+                    self.free_ids.append(bid)
+        seq.block_table = []
+
+    # ------------------------------------------------------------------ internals
+    def _fresh_block_id(self) -> int:
+        if self.free_ids:
+            return self.free_ids.popleft()
+        if not self.lru:
+            raise RuntimeError("KV cache exhausted: no free block (the scheduler should have preempted)")
+        bid, _ = self.lru.popitem(last=False)      # evict the least recently used cached block
+        block = self.blocks[bid]
+        del self.hash_to_block[block.hash]
+        block.hash, block.token_ids = None, ()
+        self.stats.evictions += 1
+        return bid
+
+    def _take(self, bid: int) -> int:
+        block = self.blocks[bid]
+        if block.ref_count == 0:
+            self.lru.pop(bid, None)
+        block.ref_count += 1
+        return bid

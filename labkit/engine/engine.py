@@ -1,0 +1,199 @@
+"""LLMEngine: requests in, tokens out, one `step()` at a time.
+
+    step = schedule -> run -> postprocess
+
+`add_request` tokenizes and queues a request; `step` runs one batch (a prefill or a decode
+step for every running sequence) and returns what each request produced; `abort` drops a
+request and frees its KV blocks. Everything else (pipeline, server, chat) is built on these.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from labkit.config import ConfigError, EngineConfig, GenerationConfig
+from labkit.engine.block_manager import BlockManager
+from labkit.engine.kv_cache import bytes_per_token, plan_kv_cache
+from labkit.engine.model_runner import ModelRunner
+from labkit.engine.sampler import make_generator
+from labkit.engine.scheduler import Scheduler
+from labkit.engine.sequence import Sequence
+from labkit.engine.stopping import StopChecker
+
+log = logging.getLogger("labkit")
+
+
+@dataclass
+class RequestOutput:
+    """What one request produced in one step (or, when finished, in total)."""
+    request_id: str
+    text: str                      # all text so far (stop words cut off)
+    delta_text: str                # text new since the previous output
+    token_ids: list[int]           # all output ids so far
+    new_token_ids: list[int]
+    num_prompt_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None   # stop | length | abort
+    num_prefix_hit_tokens: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+def resolve_device(ec: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    if ec.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(ec.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={ec.device!r} is not allowed here: no CUDA device; use auto or cpu")
+    if ec.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, ec.dtype)
+    return device, dtype
+
+
+class LLMEngine:
+    def __init__(self, model, engine_config: EngineConfig | None = None):
+        from labkit.convert import inspect_model
+        from labkit.models.llama import LlamaForCausalLM
+        from labkit.tokenizer import Tokenizer
+        from labkit.workspace_ini import resolve_engine_config
+
+        info = inspect_model(model)
+        self.model_config = cfg = info.config
+        self.config, self.config_notes = resolve_engine_config(engine_config, info.inference, cfg)
+        ec = self.config
+        if ec.tp != 1:
+            raise ConfigError(f"tp={ec.tp} is not allowed in LLMEngine yet: tensor-parallel "
+                              f"serving comes with the TP lesson (04); use tp=1")
+        if ec.quant_policy != 0:
+            raise ConfigError(f"quant_policy={ec.quant_policy} is not allowed yet: KV-cache "
+                              f"quantization comes with lesson 08; use quant_policy=0")
+        self.device, self.dtype = resolve_device(ec)
+        t0 = time.perf_counter()
+        self.model = LlamaForCausalLM.from_pretrained(
+            model, dtype=self.dtype, device=self.device,
+            max_positions=max(ec.session_len, cfg.max_position_embeddings))
+        self.load_seconds = time.perf_counter() - t0
+        self.kv_plan = plan_kv_cache(cfg, ec, self.device, self.dtype)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
+                 self.kv_plan.num_blocks, self.kv_plan.block_size, self.kv_plan.num_tokens,
+                 self.kv_plan.total_bytes / 2**20, self.kv_plan.how)
+        self.block_manager = BlockManager(self.kv_plan.num_blocks, ec.cache_block_seq_len,
+                                          ec.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, ec.max_batch_size, ec.max_prefill_token_num)
+        self.runner = ModelRunner(self.model, cfg, ec, self.kv_plan, self.device, self.dtype)
+        self.tokenizer = Tokenizer(info.tokenizer_dir, ec.model_name or cfg.model_name)
+        self.seqs: dict[str, Sequence] = {}
+        self.stoppers: dict[str, StopChecker] = {}
+        self._ids = itertools.count()
+        self.generated_tokens_total = 0
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt, gen_config: GenerationConfig | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request (a string, a list of chat messages or token ids); returns its id."""
+        gc = gen_config or GenerationConfig()
+        if not isinstance(gc, GenerationConfig):
+            raise ValueError("gen_config must be a labkit.GenerationConfig")
+        ids = self.tokenizer.prompt_to_ids(prompt)
+        ec = self.config
+        if len(ids) >= ec.session_len:
+            raise ValueError(f"prompt is {len(ids)} tokens, not below session_len={ec.session_len}: "
+                             f"shorten the prompt or raise session_len")
+        worst = -(-min(len(ids) + gc.max_new_tokens, ec.session_len) // ec.cache_block_seq_len)
+        if worst > self.kv_plan.num_blocks:
+            raise ValueError(f"request needs up to {worst} KV blocks but the cache has "
+                             f"{self.kv_plan.num_blocks}: raise cache_max_entry_count or lower "
+                             f"max_new_tokens/session_len")
+        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise ValueError(f"request_id={rid!r} is already in use")
+        seq = Sequence(ids, gc, ec.cache_block_seq_len, request_id=rid,
+                       generator=make_generator(gc.random_seed, self.device))
+        stop = StopChecker(self.tokenizer, gc, len(ids), ec.session_len)
+        seq.stop_ids = stop.stop_ids
+        self.seqs[rid], self.stoppers[rid] = seq, stop
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks. Unknown/finished ids are ignored."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._finish_output(seq, [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            if self.has_unfinished():
+                raise RuntimeError("no request can be scheduled: the KV cache is too small")
+            return []
+        sampled = self.runner.run(batch)                   # {seq_id: token}
+        self.scheduler.postprocess(batch)
+        self.num_steps += 1
+        return [out for seq in batch.seqs if seq.seq_id in sampled
+                for out in [self._on_token(seq, sampled[seq.seq_id])]]
+
+    def _on_token(self, seq: Sequence, token: int) -> RequestOutput:
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        seq.append_token(token)
+        self.generated_tokens_total += 1
+        stop = self.stoppers[seq.request_id]
+        reason = stop.on_token(token, seq.num_tokens)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            return self._finish_output(seq, [token])
+        delta = stop.take_delta()
+        return RequestOutput(seq.request_id, stop.text, delta, seq.output_token_ids, [token],
+                             seq.num_prompt_tokens, num_prefix_hit_tokens=seq.num_prefix_hit_tokens)
+
+    def _finish_output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
+        stop = self.stoppers.pop(seq.request_id)
+        del self.seqs[seq.request_id]
+        now = time.perf_counter()
+        metrics = {"latency_s": now - seq.arrival_time,
+                   "ttft_s": (seq.first_token_time or now) - seq.arrival_time,
+                   "preemptions": seq.num_preemptions}
+        delta = stop.take_delta(final=True)
+        return RequestOutput(seq.request_id, stop.text, delta, seq.output_token_ids, new_ids,
+                             seq.num_prompt_tokens, True, seq.finish_reason,
+                             seq.num_prefix_hit_tokens, metrics)
+
+    # ------------------------------------------------------------------ helpers
+    def generate(self, prompts: list, gen_config: GenerationConfig | list | None = None) -> list[RequestOutput]:
+        """Run prompts to completion together (one continuous batch); outputs in input order."""
+        gcs = gen_config if isinstance(gen_config, list) else [gen_config] * len(prompts)
+        ids = [self.add_request(p, g) for p, g in zip(prompts, gcs)]
+        done: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]
+
+    def stats(self) -> dict:
+        bm, plan = self.block_manager, self.kv_plan
+        return {"blocks_total": bm.num_blocks, "blocks_used": bm.num_used,
+                "blocks_free": bm.num_free, "blocks_cached": bm.num_cached,
+                "block_size": plan.block_size, "tokens_total": plan.num_tokens,
+                "bytes_total": plan.total_bytes,
+                "kv_bytes_per_token": bytes_per_token(self.model_config, self.config.tp, self.dtype),
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "prefix_cache_queries": bm.stats.prefix_cache_queries,
+                "prefix_cache_hits": bm.stats.prefix_cache_hits,
+                "evictions": bm.stats.evictions, "preemptions": self.scheduler.num_preemptions,
+                "generated_tokens_total": self.generated_tokens_total, "steps": self.num_steps,
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}

@@ -1,0 +1,96 @@
+"""Sequence: one request as the engine sees it (token ids, KV blocks, progress, stop state)."""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from labkit.config import GenerationConfig
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"      # needs (more) prefill: new, partly prefilled, or preempted
+    RUNNING = "running"      # prompt computed; decoding one token per step
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Token ids are prompt + output. `num_computed_tokens` of them have K/V in the cache; the
+    rest are computed by the next step (the whole prompt at first, one sampled token later)."""
+
+    token_ids: list[int]
+    gen_config: GenerationConfig
+    block_size: int
+    request_id: str = ""
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_prefix_hit_tokens: int = 0    # tokens whose KV came from the prefix cache
+    num_preemptions: int = 0
+    finish_reason: Optional[str] = None   # "stop" | "length" | "abort"
+    generator: Optional[torch.Generator] = None
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: Optional[float] = None
+    stop_ids: tuple = ()              # token ids that end this request (set by the engine)
+
+    def __post_init__(self):
+        assert len(self.token_ids) > 0, "a sequence needs at least one prompt token"
+        assert self.block_size > 0
+        self.num_prompt_tokens = len(self.token_ids)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def blocks_needed(self, num_tokens: int | None = None) -> int:
+        """Blocks to hold `num_tokens` (default: all current tokens)."""
+        n = self.num_tokens if num_tokens is None else num_tokens
+        return (n + self.block_size - 1) // self.block_size
+
+    def block_tokens(self, i: int) -> list[int]:
+        """Token ids stored in block i of this sequence."""
+        return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
+
+    # ------------------------------------------------------------------ state changes
+    def append_token(self, token_id: int) -> None:
+        assert self.status is SequenceStatus.RUNNING, self.status
+        assert self.num_computed_tokens == self.num_tokens, "append only after the step computed all tokens"
+        self.token_ids.append(int(token_id))
+
+    def mark_computed(self, n: int) -> None:
+        assert 0 < n <= self.num_uncomputed_tokens, (n, self.num_uncomputed_tokens)
+        self.num_computed_tokens += n
+        assert len(self.block_table) * self.block_size >= self.num_computed_tokens
+
+    def reset_for_recompute(self) -> None:
+        """Preemption by recompute: drop all KV; prompt + output so far are prefilled again."""
+        assert not self.block_table, "free the blocks first"
+        self.num_computed_tokens = 0
+        self.num_preemptions += 1
+        self.status = SequenceStatus.WAITING
