@@ -2,18 +2,22 @@
 
     from labkit import pipeline, EngineConfig, GenerationConfig
 
-Names are imported lazily so `import labkit` (and the CLI) start fast.
+`pipeline` is imported eagerly: it shares its name with the module labkit/pipeline.py, and
+an eager import keeps `labkit.pipeline` the function. Other names are imported on first use.
 """
 __version__ = "0.1.0"
 
+from labkit.config import EngineConfig, GenerationConfig  # noqa: E402  (light: no torch)
+from labkit.pipeline import pipeline  # noqa: E402
+
 _EXPORTS = {
-    "pipeline": "labkit.pipeline", "Pipeline": "labkit.pipeline", "Response": "labkit.pipeline",
+    "Pipeline": "labkit.pipeline", "Response": "labkit.pipeline",
     "Session": "labkit.pipeline",
     "EngineConfig": "labkit.config", "GenerationConfig": "labkit.config",
     "ModelConfig": "labkit.config", "ConfigError": "labkit.config",
     "LLMEngine": "labkit.engine.engine", "AsyncEngine": "labkit.engine.async_engine",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS) + ["pipeline"]
 
 
 def __getattr__(name):
