@@ -32,10 +32,11 @@ $(WORKSPACE)/triton_models/weights/config.ini: | $(STAMP)
 
 lab: install $(WORKSPACE)/triton_models/weights/config.ini
 	@echo "Starting JupyterLab on http://$(LAB_IP):$(LAB_PORT)/lab (the URL with its token follows)"
-	$(VENV)/bin/jupyter lab --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) --ServerApp.root_dir=notebooks
+	$(VENV)/bin/jupyter lab --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) --ServerApp.root_dir=notebooks \
+	    $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: install
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	LABKIT_FAST=$${LABKIT_FAST:-1} $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 course: install
 	mkdir -p build

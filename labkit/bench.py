@@ -16,9 +16,7 @@ import platform
 import random
 import subprocess
 import time
-from dataclasses import asdict, dataclass
-
-import torch
+from dataclasses import dataclass
 
 
 @dataclass
@@ -59,8 +57,8 @@ def run_engine(engine, reqs: list[Request]) -> dict:
             "preemptions": engine.stats()["preemptions"]}
 
 
-@torch.inference_mode()
 def run_hf(model, reqs: list[Request], batch_size: int, pad_id: int, device) -> dict:
+    import torch
     t0 = time.perf_counter()
     for i in range(0, len(reqs), batch_size):
         chunk = reqs[i:i + batch_size]
@@ -71,8 +69,9 @@ def run_hf(model, reqs: list[Request], batch_size: int, pad_id: int, device) -> 
             ids[j, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[j, width - len(r.prompt_ids):] = 1
         longest = max(r.output_len for r in chunk)
-        model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                       max_new_tokens=longest, min_new_tokens=longest, pad_token_id=pad_id)
+        with torch.inference_mode():
+            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                           max_new_tokens=longest, min_new_tokens=longest, pad_token_id=pad_id)
     dt = time.perf_counter() - t0
     n_out = sum(r.output_len for r in reqs)
     return {"seconds": dt, "output_tokens": n_out, "output_tok_s": n_out / dt,
@@ -104,6 +103,7 @@ def _commit() -> str:
 
 
 def throughput(args) -> dict:
+    import torch
     from labkit.config import EngineConfig
     from labkit.engine.engine import LLMEngine
     ec = EngineConfig(max_batch_size=args.max_batch_size, session_len=args.session_len,
@@ -132,6 +132,7 @@ def throughput(args) -> dict:
 
 
 def _device_name(device) -> str:
+    import torch
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -162,11 +163,8 @@ def main(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_throughput_args(t) -> None:
     from labkit.engine_args import flag
-    p = sub.add_parser("bench", help="benchmarks (prints a table; --json for one JSON line)")
-    bsub = p.add_subparsers(dest="bench_command", required=True)
-    t = bsub.add_parser("throughput", help="continuous batching vs HF generate on a mixed workload")
     t.add_argument("model", nargs="?", default="smollm2-135m")
     flag(t, "num_requests", type=int, default=32)
     flag(t, "input_len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
@@ -180,4 +178,3 @@ def add_parser(sub) -> None:
     flag(t, "no_hf", action="store_true", help="skip the HF transformers baseline")
     flag(t, "output", help="also write the JSON result to this file")
     t.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    t.set_defaults(func=main)

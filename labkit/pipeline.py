@@ -13,8 +13,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
+from typing import TYPE_CHECKING
+
 from labkit.config import EngineConfig, GenerationConfig
-from labkit.engine.engine import LLMEngine, RequestOutput
+
+if TYPE_CHECKING:                  # the engine (and torch) load when a pipeline is built
+    from labkit.engine.engine import RequestOutput
 
 
 @dataclass
@@ -45,6 +49,7 @@ def _is_single(prompts) -> bool:
 
 class Pipeline:
     def __init__(self, model, backend_config: EngineConfig | None = None):
+        from labkit.engine.engine import LLMEngine
         self.engine = LLMEngine(model, backend_config)
         self.tokenizer = self.engine.tokenizer
 

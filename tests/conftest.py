@@ -1,0 +1,85 @@
+"""Shared fixtures and suite-wide settings.
+
+- Notebooks (collected by nbmake when pytest runs with `--nbmake`) run in fast mode unless
+  LABKIT_FAST is set already: their `parameters` cell reads it from the environment, which the
+  notebook kernel inherits from this process.
+- Tests marked `gpu` are skipped when there is no CUDA device.
+- fixtures `labkit_run` / `labkit_popen` run the CLI as a student does (`python -m labkit ...`)
+  in a subprocess; `tiny_llama_dir` and `bundled_gguf` are the two model sources.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("LABKIT_FAST", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [it for it in items if it.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA device (marker gpu)")
+        for it in gpu_items:
+            it.add_marker(skip)
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # The CLI must import from this checkout even when labkit is not installed (development).
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def labkit_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "labkit", *map(str, args)]
+
+
+def run_labkit(*args, timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:
+    """Run `python -m labkit ARGS` and capture its output (text)."""
+    return subprocess.run(labkit_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or REPO, env=_env())
+
+
+def popen_labkit(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen(labkit_cmd(*args), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir() -> Path:
+    """The seeded tiny HF Llama, made once in this process (so CLI subprocesses never race)."""
+    from labkit.models.bundled import tiny_model_dir
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def bundled_gguf() -> Path:
+    """The bundled model's .gguf (an error, not a skip, when missing: `make install` puts it there)."""
+    from labkit.models.bundled import bundled_gguf_path
+    return bundled_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def labkit_run():
+    """`labkit_run("convert", "tiny-llama", "--dst-path", d)` -> CompletedProcess (text)."""
+    return run_labkit
+
+
+@pytest.fixture(scope="session")
+def labkit_popen():
+    """`labkit_popen("convert", ...)` -> a running Popen with stdout/stderr pipes."""
+    return popen_labkit
