@@ -17,6 +17,7 @@ Hq is a multiple of Hkv and query head h reads kv head h // (Hq // Hkv).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["store_kv", "gather_kv", "paged_decode", "paged_prefill"]
 
@@ -71,22 +72,18 @@ def _attend(
 ) -> torch.Tensor:
     """Masked GQA attention in float32 on contiguous K/V; returns (B, M, Hq, D) float32.
 
-    GQA without copying K/V: split the Hq query heads into (Hkv, G) groups, so query head
-    h = kvh * G + g reads kv head kvh = h // G.
+    One call to PyTorch's fused scaled_dot_product_attention (flash attention on CPU too);
+    `enable_gqa` lets query head h read kv head h // (Hq // Hkv) without copying K/V.
     """
-    B, M, Hq, D = q.shape
-    Hkv = k.shape[2]
-    G = Hq // Hkv  # query heads per kv head
-    qg = q.float().reshape(B, M, Hkv, G, D)  # (B, M, Hkv, G, D)
-    scores = torch.einsum("bmhgd,blhd->bhgml", qg, k.float()) * scale  # (B, Hkv, G, M, L)
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))  # (B, Hkv, G, M, L)
-    probs = scores.softmax(dim=-1)  # (B, Hkv, G, M, L) float32, masked keys get exactly 0
     # Keys no query may see can be padding slots holding garbage, even NaN, and 0 * NaN = NaN:
-    # zero those values so a masked slot can never leak into the output.
-    seen = mask.any(dim=1)  # (B, L)
-    v = v.float().masked_fill(~seen[:, :, None, None], 0.0)  # (B, L, Hkv, D)
-    out = torch.einsum("bhgml,blhd->bmhgd", probs, v)  # (B, M, Hkv, G, D)
-    return out.reshape(B, M, Hq, D)  # (B, M, Hq, D)
+    # zero them so a masked slot can never leak into the output.
+    hidden = ~mask.any(dim=1)[:, :, None, None]  # (B, L, 1, 1) True = no query sees it
+    k = k.float().masked_fill(hidden, 0.0).transpose(1, 2)  # (B, Hkv, L, D)
+    v = v.float().masked_fill(hidden, 0.0).transpose(1, 2)  # (B, Hkv, L, D)
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k, v,  # (B, Hq, M, D) x (B, Hkv, L, D)
+        attn_mask=mask[:, None], scale=scale, enable_gqa=True)  # (B, Hq, M, D)
+    return out.transpose(1, 2)  # (B, M, Hq, D)
 
 
 def paged_decode(
