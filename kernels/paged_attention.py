@@ -77,9 +77,10 @@ def _attend(
     """
     # Keys no query may see can be padding slots holding garbage, even NaN, and 0 * NaN = NaN:
     # zero them so a masked slot can never leak into the output.
+    # k and v are fresh gathered copies (or fresh .float() copies), so zeroing is done in place.
     hidden = ~mask.any(dim=1)[:, :, None, None]  # (B, L, 1, 1) True = no query sees it
-    k = k.float().masked_fill(hidden, 0.0).transpose(1, 2)  # (B, Hkv, L, D)
-    v = v.float().masked_fill(hidden, 0.0).transpose(1, 2)  # (B, Hkv, L, D)
+    k = k.float().masked_fill_(hidden, 0.0).transpose(1, 2)  # (B, Hkv, L, D)
+    v = v.float().masked_fill_(hidden, 0.0).transpose(1, 2)  # (B, Hkv, L, D)
     out = F.scaled_dot_product_attention(
         q.float().transpose(1, 2), k, v,  # (B, Hq, M, D) x (B, Hkv, L, D)
         attn_mask=mask[:, None], scale=scale, enable_gqa=True)  # (B, Hq, M, D)

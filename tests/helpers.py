@@ -1,13 +1,16 @@
 """Shared, cached test inputs: converted workspaces and HF reference models (one per process)."""
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 _TMP = Path(tempfile.mkdtemp(prefix="labkit-tests-"))
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 
 
 def workspace(model: str = "smollm2-135m", tp: int = 1) -> Path:
