@@ -87,9 +87,9 @@ def test_decode_appends_a_block_at_the_boundary():
 
 
 def test_scheduler_preempts_newest_and_requeues_it_first():
-    bm = BlockManager(4, BS)
+    bm = BlockManager(5, BS)
     sched = Scheduler(bm, max_batch_size=4, max_prefill_token_num=64)
-    a, b = seq(range(8)), seq(range(50, 58))             # 2 blocks each: the pool is full
+    a, b = seq(range(8)), seq(range(50, 58))             # 2 blocks each + 1 watermark block
     sched.add(a); sched.add(b)
     batch = sched.schedule()
     assert batch.is_prefill and batch.seqs == [a, b]
@@ -112,3 +112,27 @@ def test_chunked_prefill_splits_long_prompts():
         chunks.append(batch.num_new_tokens[0])
         sched.postprocess(batch)
     assert chunks == [10, 10, 5] and s.status is SequenceStatus.RUNNING
+
+
+def test_reset_prefix_cache_forgets_unused_blocks():
+    bm = BlockManager(8, BS)
+    a = seq(range(9))
+    bm.allocate(a); compute_all(bm, a)
+    bm.free(a)
+    assert bm.num_cached == 2
+    assert bm.reset_prefix_cache() == 2 and bm.num_cached == 0 and bm.num_free == 8
+    b = seq(range(9))
+    bm.allocate(b)
+    assert b.num_computed_tokens == 0
+
+
+def test_admission_keeps_a_watermark_while_others_run():
+    bm = BlockManager(6, BS)
+    sched = Scheduler(bm, max_batch_size=4, max_prefill_token_num=64)
+    a = seq(range(12))                                   # 3 blocks
+    sched.add(a)
+    sched.postprocess(sched.schedule())
+    b = seq(range(100, 112))                             # 3 blocks would leave 0 free: wait
+    sched.add(b)
+    batch = sched.schedule()
+    assert not batch.is_prefill and batch.seqs == [a] and sched.waiting[0] is b

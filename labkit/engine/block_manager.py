@@ -81,10 +81,13 @@ class BlockManager:
             hits.append(bid)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        """Room for all of seq's blocks, leaving `reserve` blocks free for running sequences
+        (vLLM's watermark: without it a just-preempted request is readmitted, recomputed and
+        preempted again at once)."""
         hits = self._prefix_hits(seq)
         reusable = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # hits now in the LRU
-        return self.num_free - reusable >= seq.blocks_needed() - len(hits)
+        return self.num_free - reusable - reserve >= seq.blocks_needed() - len(hits)
 
     def allocate(self, seq: Sequence) -> None:
         """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
@@ -137,6 +140,18 @@ class BlockManager:
                 else:
                     self.free_ids.append(bid)
         seq.block_table = []
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached (unused) block, e.g. to measure without prefix hits. Returns
+        how many were dropped; blocks in use keep their names."""
+        n = len(self.lru)
+        while self.lru:
+            bid, _ = self.lru.popitem(last=False)
+            block = self.blocks[bid]
+            del self.hash_to_block[block.hash]
+            block.hash, block.token_ids = None, ()
+            self.free_ids.append(bid)
+        return n
 
     # ------------------------------------------------------------------ internals
     def _fresh_block_id(self) -> int:

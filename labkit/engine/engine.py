@@ -93,6 +93,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.generated_tokens_total = 0
         self.num_steps = 0
+        self.last_batch = None
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt, gen_config: GenerationConfig | None = None,
@@ -133,6 +134,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def reset_prefix_cache(self) -> int:
+        """Drop all cached prefix blocks (those no running request uses)."""
+        return self.block_manager.reset_prefix_cache()
+
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
@@ -140,6 +145,7 @@ class LLMEngine:
             if self.has_unfinished():
                 raise RuntimeError("no request can be scheduled: the KV cache is too small")
             return []
+        self.last_batch = batch                            # for notebooks and tests to inspect
         sampled = self.runner.run(batch)                   # {seq_id: token}
         self.scheduler.postprocess(batch)
         self.num_steps += 1

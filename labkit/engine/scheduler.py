@@ -39,6 +39,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        # Free blocks kept back when admitting a new request while others run (1%, >= 1).
+        self.watermark = max(1, block_manager.num_blocks // 100)
 
     def add(self, seq: Sequence) -> None:
         assert seq.status is SequenceStatus.WAITING
@@ -58,8 +60,9 @@ class Scheduler:
             admitted = bool(seq.block_table)         # a chunked prefill in progress
             if not admitted and len(self.running) + len(seqs) >= self.max_batch_size:
                 break
-            if not admitted:                  # not started: needs blocks for all its tokens
-                if not self.bm.can_allocate(seq):
+            if not admitted:                         # not started: blocks for all its tokens
+                reserve = self.watermark if (self.running or seqs) else 0
+                if not self.bm.can_allocate(seq, reserve):
                     break                            # FIFO: later requests wait behind it
                 self.bm.allocate(seq)
             n = min(seq.num_uncomputed_tokens, budget)
