@@ -46,45 +46,53 @@ def store_kv(
 def gather_kv(
     k_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D)
     v_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D)
-    block_table_row: torch.Tensor,  # (max_blocks_per_seq,) int, one sequence's block ids
+    block_table_row,  # (max_blocks_per_seq,) int tensor or list: one sequence's block ids
     length: int,  # tokens to gather (the sequence's context_len)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copy the first `length` tokens of one sequence out of the pool into contiguous K, V.
+    """The first `length` tokens of one sequence as contiguous-looking K, V.
 
     Returns k, v of shape (length, Hkv, D): position t is block_table_row[t // block_size],
-    offset t % block_size. Only the ceil(length / block_size) blocks in use are read.
+    offset t % block_size. Only the ceil(length / block_size) blocks in use are read. When
+    those blocks are consecutive in the pool (common: a prompt's blocks are handed out in
+    order) the result is a view, not a copy.
     """
     length = int(length)
     block_size = k_cache.shape[1]
     n_blocks = (length + block_size - 1) // block_size  # blocks holding tokens 0..length-1
-    blocks = block_table_row[:n_blocks].long()  # (n_blocks,)
-    k = k_cache[blocks].flatten(0, 1)[:length]  # (n_blocks, block_size, Hkv, D) -> (length, Hkv, D)
-    v = v_cache[blocks].flatten(0, 1)[:length]  # (length, Hkv, D)
-    return k, v
+    row = block_table_row.tolist() if torch.is_tensor(block_table_row) else block_table_row
+    blocks = row[:n_blocks]  # n_blocks ints
+    first = blocks[0]
+    if blocks == list(range(first, first + n_blocks)):  # consecutive: slice the pool, no copy
+        k = k_cache[first:first + n_blocks]  # (n_blocks, block_size, Hkv, D)
+        v = v_cache[first:first + n_blocks]
+    else:  # scattered: advanced indexing copies them out
+        k = k_cache[blocks]  # (n_blocks, block_size, Hkv, D)
+        v = v_cache[blocks]
+    return k.flatten(0, 1)[:length], v.flatten(0, 1)[:length]  # (length, Hkv, D) each
 
 
 def _attend(
-    q: torch.Tensor,  # (B, M, Hq, D) queries
-    k: torch.Tensor,  # (B, L, Hkv, D) keys
-    v: torch.Tensor,  # (B, L, Hkv, D) values
-    mask: torch.Tensor,  # (B, M, L) bool, True = query may attend to that key
+    q: torch.Tensor,  # (M, Hq, D) queries of one sequence
+    k: torch.Tensor,  # (L, Hkv, D) its keys, every one written (no padding)
+    v: torch.Tensor,  # (L, Hkv, D) its values
+    mask: torch.Tensor | None,  # (M, L) bool, True = query may attend to that key; None = all
     scale: float,
+    causal: bool = False,  # plain causal (M == L, no cached prefix): SDPA's fast path, no mask
 ) -> torch.Tensor:
-    """Masked GQA attention in float32 on contiguous K/V; returns (B, M, Hq, D) float32.
+    """GQA attention of one sequence with float32 softmax; returns (M, Hq, D) in q's dtype.
 
     One call to PyTorch's fused scaled_dot_product_attention (flash attention on CPU too);
     `enable_gqa` lets query head h read kv head h // (Hq // Hkv) without copying K/V.
     """
-    # Keys no query may see can be padding slots holding garbage, even NaN, and 0 * NaN = NaN:
-    # zero them so a masked slot can never leak into the output.
-    # k and v are fresh gathered copies (or fresh .float() copies), so zeroing is done in place.
-    hidden = ~mask.any(dim=1)[:, :, None, None]  # (B, L, 1, 1) True = no query sees it
-    k = k.float().masked_fill_(hidden, 0.0).transpose(1, 2)  # (B, Hkv, L, D)
-    v = v.float().masked_fill_(hidden, 0.0).transpose(1, 2)  # (B, Hkv, L, D)
+    dtype = q.dtype
+    if dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    # 4-D inputs: with 3-D ones PyTorch falls back to its slow math kernel on CPU.
     out = F.scaled_dot_product_attention(
-        q.float().transpose(1, 2), k, v,  # (B, Hq, M, D) x (B, Hkv, L, D)
-        attn_mask=mask[:, None], scale=scale, enable_gqa=True)  # (B, Hq, M, D)
-    return out.transpose(1, 2)  # (B, M, Hq, D)
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # (1, H*, M|L, D)
+        attn_mask=None if mask is None else mask[None, None], is_causal=causal, scale=scale,
+        enable_gqa=True)
+    return out[0].transpose(0, 1).to(dtype)  # (1, Hq, M, D) -> (M, Hq, D)
 
 
 def paged_decode(
@@ -97,24 +105,18 @@ def paged_decode(
 ) -> torch.Tensor:
     """Decode attention: each sequence's single new query attends to all its cached tokens.
 
-    The new token's k/v must already be in the cache (store_kv first). The whole batch is
-    done at once: gather every sequence's blocks up to the longest context, i.e. K/V of shape
-    (B, L, Hkv, D) with L = blocks * block_size, and mask positions >= context_len.
+    The new token's k/v must already be in the cache (store_kv first). One sequence at a
+    time: gather exactly its context_len tokens (so no padding slot is ever read, and no mask
+    is needed: the new token may see every earlier token) and attend. The Triton kernel does
+    the same per (sequence, head) program, reading the blocks in place instead of gathering.
     Softmax in float32; returns (B, Hq, D) in q's dtype.
     """
-    B, Hq, D = q.shape
-    block_size = k_cache.shape[1]
-    ctx = context_lens.long()  # (B,)
-    max_len = int(ctx.max())  # one host sync per call, not per token
-    n_blocks = (max_len + block_size - 1) // block_size  # blocks of the longest sequence
-    # Padding entries (-1) become block 0; the mask below hides whatever it holds.
-    blocks = block_tables[:, :n_blocks].long().clamp(min=0)  # (B, n_blocks)
-    k = k_cache[blocks].flatten(1, 2)  # (B, n_blocks, block_size, Hkv, D) -> (B, L, Hkv, D)
-    v = v_cache[blocks].flatten(1, 2)  # (B, L, Hkv, D)
-    pos = torch.arange(k.shape[1], device=q.device)  # (L,) absolute key positions
-    mask = (pos[None, :] < ctx[:, None])[:, None, :]  # (B, 1, L) the new token sees all tokens
-    out = _attend(q[:, None], k, v, mask, scale)  # (B, 1, Hq, D)
-    return out[:, 0].to(q.dtype)  # (B, Hq, D)
+    out = torch.empty_like(q)  # (B, Hq, D)
+    tables, lens = block_tables.tolist(), context_lens.tolist()  # one host sync per call
+    for b, n in enumerate(lens):
+        kb, vb = gather_kv(k_cache, v_cache, tables[b], n)  # (n, Hkv, D) each
+        out[b] = _attend(q[b, None], kb, vb, None, scale)[0]  # (Hq, D)
+    return out
 
 
 def paged_prefill(
@@ -139,16 +141,18 @@ def paged_prefill(
     """
     out = torch.empty_like(q)  # (Nq, Hq, D)
     starts = cu_seqlens_q.tolist()  # B+1 ints, one host sync per call
-    lens = context_lens.tolist()  # B ints
+    lens, tables = context_lens.tolist(), block_tables.tolist()  # B ints, B rows
     for b, kv_len in enumerate(lens):
         s, e = starts[b], starts[b + 1]
         q_len = e - s
         if q_len == 0:
             continue
-        kb, vb = gather_kv(k_cache, v_cache, block_tables[b], kv_len)  # (kv_len, Hkv, D) each
+        kb, vb = gather_kv(k_cache, v_cache, tables[b], kv_len)  # (kv_len, Hkv, D) each
+        if q_len == kv_len:  # no cached prefix: ordinary causal attention
+            out[s:e] = _attend(q[s:e], kb, vb, None, scale, causal=True)  # (q_len, Hq, D)
+            continue
         q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)  # (q_len,) absolute positions
         k_pos = torch.arange(kv_len, device=q.device)  # (kv_len,)
-        mask = k_pos[None, :] <= q_pos[:, None]  # (q_len, kv_len) causal
-        o = _attend(q[None, s:e], kb[None], vb[None], mask[None], scale)  # (1, q_len, Hq, D)
-        out[s:e] = o[0].to(q.dtype)  # (q_len, Hq, D)
+        mask = k_pos[None, :] <= q_pos[:, None]  # (q_len, kv_len) causal after the prefix
+        out[s:e] = _attend(q[s:e], kb, vb, mask, scale)  # (q_len, Hq, D)
     return out

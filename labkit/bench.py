@@ -102,6 +102,24 @@ def _commit() -> str:
         return "unknown"
 
 
+def _median(runs: list[dict]) -> dict:
+    """The run with the median time, plus every run's time."""
+    runs = sorted(runs, key=lambda m: m["seconds"])
+    mid = dict(runs[len(runs) // 2])
+    mid["all_seconds"] = [round(m["seconds"], 3) for m in runs]
+    return mid
+
+
+def _alternate(fns: dict, repeats: int) -> dict:
+    """Run each measurement `repeats` times, taking turns (A B A B ...), so a noisy
+    neighbour on a shared machine slows both alike; report each one's median run."""
+    runs = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            runs[name].append(fn())
+    return {name: _median(r) for name, r in runs.items()}
+
+
 def throughput(args) -> dict:
     import torch
     from labkit.config import EngineConfig
@@ -110,22 +128,28 @@ def throughput(args) -> dict:
                       cache_max_entry_count=args.cache_max_entry_count, device=args.device)
     engine = LLMEngine(args.model, ec)
     reqs = make_workload(engine.tokenizer, args.num_requests, args.input_len, args.output_len, args.seed)
+    one = [Request(reqs[0].prompt_ids[:16], args.batch1_output_len)]
     warm = make_workload(engine.tokenizer, 2, (16, 32), (4, 8), args.seed + 1)
+    pad = engine.tokenizer.eos_token_id
+    hf = None if args.no_hf else load_hf(args.model, engine.dtype, engine.device)
     run_engine(engine, warm)
+    if hf is not None:
+        run_hf(hf, warm, 2, pad, engine.device)
     result = {"benchmark": "throughput", "model": str(args.model), "commit": _commit(),
               "date": time.strftime("%Y-%m-%d"), "device": _device_name(engine.device),
               "dtype": str(engine.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+              "repeats": args.repeats,
               "workload": {"num_requests": args.num_requests, "input_len": list(args.input_len),
                            "output_len": list(args.output_len), "seed": args.seed,
-                           "max_batch_size": args.max_batch_size, "ignore_eos": True},
-              "labkit": run_engine(engine, reqs)}
-    one = [Request(reqs[0].prompt_ids[:16], args.batch1_output_len)]
-    result["labkit_batch1"] = run_engine(engine, one)
-    if not args.no_hf:
-        hf = load_hf(args.model, engine.dtype, engine.device)
-        run_hf(hf, warm, 2, engine.tokenizer.eos_token_id, engine.device)
-        result["hf"] = run_hf(hf, reqs, args.max_batch_size, engine.tokenizer.eos_token_id, engine.device)
-        result["hf_batch1"] = run_hf(hf, one, 1, engine.tokenizer.eos_token_id, engine.device)
+                           "max_batch_size": args.max_batch_size, "ignore_eos": True}}
+    fns = {"labkit": lambda: run_engine(engine, reqs)}
+    if hf is not None:
+        fns["hf"] = lambda: run_hf(hf, reqs, args.max_batch_size, pad, engine.device)
+    fns["labkit_batch1"] = lambda: run_engine(engine, one)
+    if hf is not None:
+        fns["hf_batch1"] = lambda: run_hf(hf, one, 1, pad, engine.device)
+    result.update(_alternate(fns, args.repeats))
+    if hf is not None:
         result["speedup"] = result["labkit"]["output_tok_s"] / result["hf"]["output_tok_s"]
         result["speedup_batch1"] = result["labkit_batch1"]["output_tok_s"] / result["hf_batch1"]["output_tok_s"]
     return result
@@ -141,7 +165,8 @@ def _device_name(device) -> str:
 def print_table(r: dict) -> None:
     w = r["workload"]
     print(f"throughput: {w['num_requests']} requests, prompt {w['input_len']}, output {w['output_len']}, "
-          f"max_batch_size {w['max_batch_size']}, seed {w['seed']} | {r['device']} {r['dtype']} | commit {r['commit']}")
+          f"max_batch_size {w['max_batch_size']}, seed {w['seed']} | {r['device']} {r['dtype']} | "
+          f"commit {r['commit']} | median of {r['repeats']}")
     print(f"{'engine':<28}{'seconds':>10}{'out tok/s':>12}{'req/s':>10}")
     rows = [("labkit (continuous batching)", r["labkit"]), ("HF generate (static batches)", r.get("hf")),
             ("labkit batch 1", r["labkit_batch1"]), ("HF generate batch 1", r.get("hf_batch1"))]
@@ -169,12 +194,13 @@ def add_throughput_args(t) -> None:
     flag(t, "num_requests", type=int, default=32)
     flag(t, "input_len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
     flag(t, "output_len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
-    flag(t, "max_batch_size", type=int, default=8)
+    flag(t, "max_batch_size", type=int, default=64)   # config.ini's default
     flag(t, "session_len", type=int, default=1024)
     flag(t, "cache_max_entry_count", type=float, default=0.8)
     flag(t, "batch1_output_len", type=int, default=64)
     flag(t, "device", default="auto")
     flag(t, "seed", type=int, default=0)
+    flag(t, "repeats", type=int, default=3, help="runs per measurement; the median is reported")
     flag(t, "no_hf", action="store_true", help="skip the HF transformers baseline")
     flag(t, "output", help="also write the JSON result to this file")
     t.add_argument("--json", action="store_true", help="print one JSON object as the last line")
