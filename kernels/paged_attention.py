@@ -36,11 +36,13 @@ def store_kv(
     """
     _, Hkv, D = k.shape
     valid = slot_mapping >= 0  # (N,) bool
-    slots = slot_mapping[valid].long()  # (n,) n <= N real tokens
+    slots = slot_mapping.long()  # (N,)
+    if not bool(valid.all()):  # drop padding tokens (one host sync)
+        slots, k, v = slots[valid], k[valid], v[valid]  # (n,), (n, Hkv, D) x2 with n <= N
     # .view (not .reshape/.flatten) so a non-contiguous cache fails loudly instead of
     # silently writing into a copy.
-    k_cache.view(-1, Hkv, D).index_copy_(0, slots, k[valid].to(k_cache.dtype))  # (num_blocks * block_size, Hkv, D)
-    v_cache.view(-1, Hkv, D).index_copy_(0, slots, v[valid].to(v_cache.dtype))  # (num_blocks * block_size, Hkv, D)
+    k_cache.view(-1, Hkv, D).index_copy_(0, slots, k.to(k_cache.dtype))  # (num_blocks * block_size, Hkv, D)
+    v_cache.view(-1, Hkv, D).index_copy_(0, slots, v.to(v_cache.dtype))  # (num_blocks * block_size, Hkv, D)
 
 
 def gather_kv(

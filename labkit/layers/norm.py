@@ -1,5 +1,6 @@
 """RMSNorm, computed in float32 as HF transformers does (so fp32 logits match to ~1e-6)."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -10,7 +11,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:       # (..., H)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., H)
-        return self.weight * x.to(dtype)
+        # x * rsqrt(mean(x^2) + eps) in float32, then the weight in x's dtype (as HF does);
+        # F.rms_norm is that formula in one fused op.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)    # (..., H) float32
+        return self.weight * normed.to(x.dtype)

@@ -1,7 +1,8 @@
 """Rotary position embedding (RoPE), HF "rotate half" convention.
 
-cos/sin are precomputed for every position up to max_positions and indexed by each token's
-absolute position, so packed batches of sequences at different offsets need no padding.
+cos/sin are precomputed for every position up to max_positions. Each step looks up its
+tokens' rows once (`cos_sin`), and every layer rotates its queries and keys with them, so
+packed batches of sequences at different offsets need no padding.
 """
 import torch
 from torch import nn
@@ -10,6 +11,12 @@ from torch import nn
 def rotate_half(x: torch.Tensor) -> torch.Tensor:          # (..., D)
     x1, x2 = x.chunk(2, dim=-1)                             # (..., D/2) each
     return torch.cat((-x2, x1), dim=-1)                     # (..., D)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., H, D) rotated by cos/sin (..., 1, D); computed in float32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -24,11 +31,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)         # (P, D)
         self.register_buffer("sin", emb.sin(), persistent=False)         # (P, D)
 
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (N,) or (B, L) -> cos, sin (..., 1, D), broadcasting over heads."""
+        return self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions (N,) or (B, L); q (..., Hq, D), k (..., Hkv, D) with the same leading dims."""
-        cos = self.cos[positions].unsqueeze(-2)                          # (..., 1, D)
-        sin = self.sin[positions].unsqueeze(-2)                          # (..., 1, D)
-        qf, kf = q.float(), k.float()
-        q = (qf * cos + rotate_half(qf) * sin).to(q.dtype)               # (..., Hq, D)
-        k = (kf * cos + rotate_half(kf) * sin).to(k.dtype)               # (..., Hkv, D)
-        return q, k
+        """q (..., Hq, D), k (..., Hkv, D) with positions' leading dims -> rotated q, k."""
+        cos, sin = self.cos_sin(positions)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

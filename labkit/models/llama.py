@@ -19,7 +19,7 @@ from torch import nn
 from labkit.config import ModelConfig
 from labkit.layers.attention import Attention, AttentionMetadata
 from labkit.layers.norm import RMSNorm
-from labkit.layers.rotary import RotaryEmbedding
+from labkit.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 def _all_reduce(x: torch.Tensor, tp: int) -> torch.Tensor:
@@ -44,14 +44,14 @@ class LlamaLayer(nn.Module):
         self.w2 = nn.Parameter(torch.empty(h, inter))
         self.attn = Attention(self.hq, self.hkv, self.d)
 
-    def forward(self, x, positions, rope: RotaryEmbedding, md: AttentionMetadata | None):
+    def forward(self, x, cos, sin, md: AttentionMetadata | None):
         lead = x.shape[:-1]                                          # (N,) or (B, L)
         qkv = F.linear(self.attention_norm(x), self.w_qkv, self.b_qkv)  # (..., (hq+2hkv)*D)
-        q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], -1)
-        q = q.view(*lead, self.hq, self.d)                           # (..., hq, D)
-        k = k.view(*lead, self.hkv, self.d)                          # (..., hkv, D)
-        v = v.view(*lead, self.hkv, self.d)                          # (..., hkv, D)
-        q, k = rope(positions, q, k)
+        qkv = qkv.view(*lead, self.hq + 2 * self.hkv, self.d)        # (..., hq+2hkv, D)
+        # q and k heads are rotated together (one RoPE pass), v is left as it is
+        qk = apply_rotary(qkv[..., :self.hq + self.hkv, :], cos, sin)  # (..., hq+hkv, D)
+        q, k = qk.split([self.hq, self.hkv], -2)                     # (..., hq, D), (..., hkv, D)
+        v = qkv[..., self.hq + self.hkv:, :]                         # (..., hkv, D)
         o = self.attn(q, k, v, md).reshape(*lead, self.hq * self.d)  # (..., hq*D)
         x = x + _all_reduce(F.linear(o, self.wo), self.tp)           # (..., H)
         gate, up = F.linear(self.ffn_norm(x), self.w13).chunk(2, -1)  # (..., I/tp) each
@@ -126,8 +126,9 @@ class LlamaForCausalLM(nn.Module):
 
     def hidden_states(self, input_ids, positions, metadata):
         x = F.embedding(input_ids, self.tok_embeddings)                 # (..., H)
+        cos, sin = self.rope.cos_sin(positions)                          # (..., 1, D) once per step
         for layer in self.layers:
-            x = layer(x, positions, self.rope, metadata)
+            x = layer(x, cos, sin, metadata)
         return self.norm(x)                                              # (..., H)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
