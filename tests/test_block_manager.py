@@ -136,3 +136,20 @@ def test_admission_keeps_a_watermark_while_others_run():
     sched.add(b)
     batch = sched.schedule()
     assert not batch.is_prefill and batch.seqs == [a] and sched.waiting[0] is b
+
+
+def test_new_requests_join_the_decode_step():
+    """Continuous batching without stalls: a new prompt is prefilled in the same step as the
+    running sequence's decode token (vLLM v1-style mixed step)."""
+    bm = BlockManager(32, BS)
+    sched = Scheduler(bm, max_batch_size=4, max_prefill_token_num=10)
+    a = seq(range(6))
+    sched.add(a)
+    sched.postprocess(sched.schedule())
+    a.append_token(7)
+    b = seq(range(20, 40))                               # 20 tokens: 9 fit beside a's decode
+    sched.add(b)
+    batch = sched.schedule()
+    assert batch.is_prefill and batch.seqs == [a, b] and batch.num_new_tokens == [1, 9]
+    sched.postprocess(batch)
+    assert list(sched.running) == [a] and sched.waiting[0] is b   # b still prefilling

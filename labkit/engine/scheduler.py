@@ -1,14 +1,16 @@
 """Scheduler: which sequences run in the next step (continuous batching).
 
-Each step is either a *prefill* step (new or preempted sequences, packed up to
-max_prefill_token_num tokens; a prompt longer than that is split into chunks over several
-steps) or a *decode* step (one token for every running sequence). Prefill goes first when a
-waiting sequence fits, as in nano-vllm and LMDeploy, so new requests join the running batch
-as soon as there is room: that is continuous batching.
+Each step gives every running sequence one decode token and, with what is left of the token
+budget (max_prefill_token_num), prefills waiting sequences: new ones, preempted ones, or the
+next chunk of a prompt too long for one step (chunked prefill, mixed into decode steps as in
+vLLM v1). New requests therefore join the running batch as soon as there is room, without
+stopping the others: that is continuous batching.
 
 When a decode step cannot get a block for every running sequence, the most recently admitted
 one is preempted by recompute (vLLM's default): its blocks are freed and it goes back to the
-front of the queue, to be prefilled again (prompt + what it generated so far) later.
+front of the queue, to be prefilled again (prompt + what it generated so far) later. A step
+that preempted admits nobody, and admission keeps a small watermark of free blocks, so a
+preempted request is not readmitted only to be preempted again.
 """
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ from labkit.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    seqs: list[Sequence]
-    num_new_tokens: list[int]      # tokens computed this step, per sequence
-    is_prefill: bool
+    seqs: list[Sequence]           # decoding sequences first, then the ones being prefilled
+    num_new_tokens: list[int]      # tokens computed this step, per sequence (1 for a decode)
+    is_prefill: bool               # any prefill in it (then attention takes the prefill path)
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -51,10 +53,34 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the decision
     def schedule(self) -> ScheduledBatch | None:
-        return self._schedule_prefill() or self._schedule_decode()
+        decode, preempted = self._schedule_decode()
+        prefill, counts = ([], []) if preempted else \
+            self._schedule_prefill(self.max_prefill_token_num - len(decode))
+        if not decode and not prefill:
+            return None
+        return ScheduledBatch(decode + prefill, [1] * len(decode) + counts,
+                              is_prefill=bool(prefill), preempted=preempted)
 
-    def _schedule_prefill(self) -> ScheduledBatch | None:
-        seqs, counts, budget = [], [], self.max_prefill_token_num
+    def _schedule_decode(self) -> tuple[list[Sequence], list[Sequence]]:
+        """One slot for every running sequence, preempting the newest when blocks run out."""
+        batch, preempted = [], []
+        running = list(self.running)
+        while running:
+            seq = running.pop(0)
+            while not self.bm.can_append(seq):
+                victim = running.pop() if running else seq   # newest first (LIFO)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.bm.append_slot(seq)
+                batch.append(seq)
+        return batch, preempted
+
+    def _schedule_prefill(self, budget: int) -> tuple[list[Sequence], list[int]]:
+        """Waiting sequences (FIFO) that fit in `budget` tokens, max_batch_size and the pool."""
+        seqs, counts = [], []
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             admitted = bool(seq.block_table)         # a chunked prefill in progress
@@ -72,25 +98,7 @@ class Scheduler:
             if n < seq.num_uncomputed_tokens:        # chunked prefill: the rest next step
                 break
             self.waiting.popleft()
-        return ScheduledBatch(seqs, counts, is_prefill=True) if seqs else None
-
-    def _schedule_decode(self) -> ScheduledBatch | None:
-        batch, preempted = [], []
-        running = list(self.running)
-        while running:
-            seq = running.pop(0)
-            while not self.bm.can_append(seq):
-                victim = running.pop() if running else seq   # newest first (LIFO)
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            else:
-                self.bm.append_slot(seq)
-                batch.append(seq)
-        if not batch:
-            return None
-        return ScheduledBatch(batch, [1] * len(batch), is_prefill=False, preempted=preempted)
+        return seqs, counts
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -109,7 +117,7 @@ class Scheduler:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.mark_computed(n)
             self.bm.commit(seq)
-            if batch.is_prefill and seq.num_uncomputed_tokens == 0:
+            if seq.status is SequenceStatus.WAITING and seq.num_uncomputed_tokens == 0:
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
 
