@@ -88,7 +88,8 @@ def _read_config_only(src: Path, fmt: str) -> ModelConfig:
         if not cfg_file.is_file():
             raise SourceError(f"{src}: no config.json; not an HF model directory or a workspace")
         return model_config_from_hf(json.loads(cfg_file.read_text()), name=src.name)
-    return read_source(src, fmt)[0]
+    from labkit.models.sources import read_gguf
+    return read_gguf(src, config_only=True)[0]   # metadata only: the weights load later
 
 
 def tokenizer_dir_for(src: Path, fmt: str) -> Path:

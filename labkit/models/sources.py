@@ -114,8 +114,9 @@ def _unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
             .transpose(1, 2).reshape(out_dim, in_dim))                # (H*d, in)
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Dequantize every tensor of a llama GGUF file to fp32 with HF names."""
+def read_gguf(path: Path, config_only: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Dequantize every tensor of a llama GGUF file to fp32 with HF names. With config_only,
+    read just the metadata and tensor shapes (no dequantization) and return no tensors."""
     import numpy as np
     try:
         import gguf
@@ -145,7 +146,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     hidden = int(field("llama.embedding_length"))
     names = {t.name for t in reader.tensors}
     tensors: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    for t in ([] if config_only else reader.tensors):
         hf_name = _gguf_name_to_hf(t.name)
         if hf_name is None:
             continue
@@ -160,7 +161,10 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         elif t.name.endswith("attn_k.weight"):
             w = _unpermute_rope(w, kv_heads)
         tensors[hf_name] = w
-    vocab = tensors["model.embed_tokens.weight"].shape[0]
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise SourceError(f"{path}: GGUF tensor 'token_embd.weight' is missing")
+    vocab = int(embd.shape[-1])                 # GGUF lists dims fastest-first: (H, V)
     try:
         cfg = ModelConfig(
             hidden_size=hidden, num_layers=int(field("llama.block_count")), num_heads=heads,
