@@ -117,8 +117,8 @@ def register_bench(sub) -> None:
                  "last line.", None)
     bsub = p.add_subparsers(title="benchmarks", metavar="BENCHMARK", required=True)
     t = _command(bsub, "throughput", "Continuous batching vs HF generate (static padded batches) "
-                 "on a mixed-length workload.", _lazy("labkit.bench", "main"))
-    from labkit.bench import add_throughput_args
+                 "on a mixed-length workload.", _lazy("labkit.bench.throughput", "main"))
+    from labkit.bench.throughput import add_throughput_args
     add_throughput_args(t)
 
 

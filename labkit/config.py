@@ -102,6 +102,8 @@ class EngineConfig:
     dtype: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     kv_budget_gib: float = 4.0             # CPU only: cap for the fractional KV cache size
     model_name: Optional[str] = None       # chat template override
+    attention_backend: str = "auto"        # auto (triton on CUDA, torch elsewhere) | torch | triton
+    enforce_eager: bool = False            # GPU: no CUDA graphs (for debugging and profiling)
 
     def __post_init__(self):
         validate_inference_fields({k: getattr(self, k) for k in INFERENCE_DEFAULTS
@@ -114,6 +116,8 @@ class EngineConfig:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype,
                "one of auto, float32, bfloat16, float16")
         _check(self.kv_budget_gib > 0, "kv_budget_gib", self.kv_budget_gib, "> 0")
+        _check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
+               self.attention_backend, "one of auto, torch, triton")
 
 
 # config.ini fields a student may edit, with the value used when neither the file nor the

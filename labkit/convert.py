@@ -1,6 +1,6 @@
-"""Model conversion: an HF directory, a .gguf file or the bundled alias -> a TurboMind-style
-workspace, and `load()`, which gives one tensor-parallel rank its weights from a workspace or
-straight from a model (online conversion).
+"""Offline model conversion: an HF directory, a .gguf file or the bundled alias -> a
+TurboMind-style workspace on disk. (Reading weights for one rank, from a workspace or straight
+from a model, is labkit/models/loader.py; its names are re-exported here.)
 
 Workspace layout (DESIGN.md section 3):
 
@@ -9,28 +9,22 @@ Workspace layout (DESIGN.md section 3):
     DST/triton_models/weights/rank{r}.safetensors one file per TP rank
     DST/triton_models/tokenizer/                  tokenizer.json + chat template
 
-Tensor names per rank (PyTorch layout, (out_features, in_features)):
-    tok_embeddings.weight (V, H) replicated       norm.weight (H,) replicated
-    output.weight (V/tp, H) column-split, absent when tied to tok_embeddings
-    layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight (H,) replicated
-    layers.{i}.attention.w_qkv.weight ((Hq+2Hkv)/tp*D, H) column-split, rows [q_r | k_r | v_r]
-    layers.{i}.attention.wo.weight (H, Hq/tp*D) row-split
-    layers.{i}.feed_forward.w1.weight (gate), w3.weight (up) (I/tp, H) column-split
-    layers.{i}.feed_forward.w2.weight (down) (H, I/tp) row-split
+Tensor names per rank: see labkit/models/loader.py.
 """
 from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from labkit.config import ConfigError, ModelConfig
 from labkit.models import bundled
+from labkit.models.loader import (ModelInfo, inspect_model, is_workspace, load, shard,  # noqa: F401
+                                  source_path, to_turbomind, tokenizer_dir_for, weights_dir)
 from labkit.models.sources import SourceError, detect_format, read_source
-from labkit.workspace_ini import read_config_ini, write_config_ini
+from labkit.workspace_ini import write_config_ini
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
@@ -39,126 +33,6 @@ PARTIAL_TAG = ".labkit-partial-"
 
 class ConversionError(ValueError):
     pass
-
-
-# ---------------------------------------------------------------------------- where from
-@dataclass
-class ModelInfo:
-    """What an engine needs to know about a model before loading weights."""
-    config: ModelConfig
-    inference: dict            # config.ini's inference fields ({} for online conversion)
-    tokenizer_dir: Path
-    workspace: Path | None     # None: online conversion from `source`
-    source: Path | None
-    stored_tp: int = 1
-    weight_type: str = "fp32"
-
-
-def weights_dir(workspace: Path) -> Path:
-    return Path(workspace) / "triton_models" / "weights"
-
-
-def is_workspace(path) -> bool:
-    return (weights_dir(Path(path)) / "config.ini").is_file()
-
-
-def _source_path(model) -> Path:
-    return bundled.resolve_alias(model) if bundled.is_alias(model) else Path(model)
-
-
-def inspect_model(model) -> ModelInfo:
-    """Describe a workspace, an alias, an HF directory or a .gguf (reads no weights of a
-    workspace; an online source is read once to learn its shape)."""
-    if is_workspace(model):
-        ws = Path(model)
-        cfg, storage, inference = read_config_ini(weights_dir(ws))
-        return ModelInfo(cfg, inference, ws / "triton_models" / "tokenizer", ws, None,
-                         storage["tensor_para_size"], storage["weight_type"])
-    src = _source_path(model)
-    fmt = detect_format(src)
-    cfg = _read_config_only(src, fmt)
-    return ModelInfo(cfg, {}, tokenizer_dir_for(src, fmt), None, src)
-
-
-def _read_config_only(src: Path, fmt: str) -> ModelConfig:
-    if fmt == "hf":
-        import json
-        from labkit.models.sources import model_config_from_hf
-        cfg_file = src / "config.json"
-        if not cfg_file.is_file():
-            raise SourceError(f"{src}: no config.json; not an HF model directory or a workspace")
-        return model_config_from_hf(json.loads(cfg_file.read_text()), name=src.name)
-    from labkit.models.sources import read_gguf
-    return read_gguf(src, config_only=True)[0]   # metadata only: the weights load later
-
-
-def tokenizer_dir_for(src: Path, fmt: str) -> Path:
-    """An HF tokenizer folder for a source model (the GGUF tokenizer is extracted once)."""
-    if fmt == "hf":
-        return src
-    if src.resolve() == bundled.bundled_gguf_path().resolve():
-        return bundled.bundled_tokenizer_dir()
-    from transformers import AutoTokenizer
-    out = bundled.cache_dir() / f"tokenizer-{src.stem}"
-    if not (out / "tokenizer.json").is_file():
-        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(str(out))
-    return out
-
-
-# ---------------------------------------------------------------------------- HF -> TurboMind
-def to_turbomind(cfg: ModelConfig, hf: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
-    """Rename and fuse HF Llama tensors into TurboMind names (tp=1, w_qkv = [q | k | v])."""
-    def get(name):
-        if name not in hf:
-            raise SourceError(f"weight {name!r} is missing from the checkpoint")
-        return hf[name].to(dtype)
-
-    out = {"tok_embeddings.weight": get("model.embed_tokens.weight"),   # (V, H)
-           "norm.weight": get("model.norm.weight")}                     # (H,)
-    if not cfg.tie_word_embeddings:
-        out["output.weight"] = get("lm_head.weight")                    # (V, H)
-    for i in range(cfg.num_layers):
-        p, a = f"model.layers.{i}.", f"layers.{i}."
-        out[a + "attention_norm.weight"] = get(p + "input_layernorm.weight")
-        out[a + "ffn_norm.weight"] = get(p + "post_attention_layernorm.weight")
-        out[a + "attention.w_qkv.weight"] = torch.cat(                   # ((Hq+2Hkv)*D, H)
-            [get(p + f"self_attn.{x}_proj.weight") for x in "qkv"], 0)
-        if cfg.attn_bias:
-            out[a + "attention.w_qkv.bias"] = torch.cat(
-                [get(p + f"self_attn.{x}_proj.bias") for x in "qkv"], 0)
-        out[a + "attention.wo.weight"] = get(p + "self_attn.o_proj.weight")  # (H, Hq*D)
-        out[a + "feed_forward.w1.weight"] = get(p + "mlp.gate_proj.weight")  # (I, H)
-        out[a + "feed_forward.w3.weight"] = get(p + "mlp.up_proj.weight")    # (I, H)
-        out[a + "feed_forward.w2.weight"] = get(p + "mlp.down_proj.weight")  # (H, I)
-    return out
-
-
-def shard(cfg: ModelConfig, full: dict[str, torch.Tensor], rank: int, tp: int) -> dict:
-    """Rank `rank`'s slice of tp=1 TurboMind tensors: column-parallel weights split their
-    output rows, row-parallel ones their input columns, the rest is replicated."""
-    cfg.check_tp(tp)
-    if not 0 <= rank < tp:
-        raise ConfigError(f"rank={rank} is not allowed: rank must be in [0, {tp - 1}]")
-    if tp == 1:
-        return dict(full)
-    q, kv = cfg.q_size, cfg.kv_size
-
-    def rows(t, n):      # this rank's n-row slice along dim 0
-        return t.narrow(0, rank * n, n)
-
-    out = {}
-    for name, t in full.items():
-        if name.endswith("w_qkv.weight") or name.endswith("w_qkv.bias"):
-            tq, tk, tv = t.split([q, kv, kv], 0)
-            out[name] = torch.cat([rows(tq, q // tp), rows(tk, kv // tp), rows(tv, kv // tp)], 0)
-        elif name.endswith(("w1.weight", "w3.weight")) or name == "output.weight":
-            out[name] = rows(t, t.shape[0] // tp)
-        elif name.endswith(("wo.weight", "w2.weight")):
-            n = t.shape[1] // tp
-            out[name] = t.narrow(1, rank * n, n)
-        else:
-            out[name] = t
-    return {k: v.contiguous() for k, v in out.items()}
 
 
 def _resolve_dtype(dtype: str, hf: dict) -> str:
@@ -191,7 +65,7 @@ def convert(model, dst_path, *, tp: int = 1, model_format: str | None = None,
     if model_format not in (None, "hf", "gguf"):
         raise ConversionError(f"--model-format {model_format!r} is not allowed: model_format "
                               f"must be hf or gguf")
-    src = _source_path(model)
+    src = source_path(model)
     fmt = model_format or detect_format(src)
     cfg, hf = read_source(src, fmt)
     if model_name or bundled.is_alias(model):
@@ -248,33 +122,3 @@ def _remove_stale_partials(dst: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         except PermissionError:
             pass
-
-
-# ---------------------------------------------------------------------------- load
-def load(path, rank: int = 0, tp: int = 1, dtype: torch.dtype | None = None):
-    """(ModelConfig, this rank's TurboMind tensors) from a workspace, the alias, an HF dir or a
-    .gguf. A workspace converted with tp=1 is sliced here for any tp (TurboMind's runtime TP)."""
-    if is_workspace(path):
-        from safetensors.torch import load_file
-        info = inspect_model(path)
-        cfg, stored = info.config, info.stored_tp
-        cfg.check_tp(tp)
-        wdir = weights_dir(Path(path))
-        if stored == tp:
-            tensors = load_file(str(wdir / f"rank{rank}.safetensors"))
-        elif stored == 1:
-            tensors = shard(cfg, load_file(str(wdir / "rank0.safetensors")), rank, tp)
-        else:
-            raise ConfigError(f"tp={tp} is not allowed for this workspace: it was converted with "
-                              f"tensor_para_size={stored}; use tp={stored}, or convert with --tp 1 "
-                              f"to choose tp at load time")
-    else:
-        src = _source_path(path)
-        cfg, hf = read_source(src, detect_format(src))
-        if bundled.is_alias(path):
-            import dataclasses
-            cfg = dataclasses.replace(cfg, model_name=bundled.BUNDLED_MODEL_NAME)
-        tensors = shard(cfg, to_turbomind(cfg, hf, dtype or torch.float32), rank, tp)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    return cfg, tensors

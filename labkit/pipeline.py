@@ -131,7 +131,7 @@ class Pipeline:
             self.engine.abort(rid)
         self.engine.runner.kv_cache.clear()
         for layer in self.engine.model.layers:
-            layer.attn.k_cache = layer.attn.v_cache = None
+            layer.attention.attn.k_cache = layer.attention.attn.v_cache = None
 
     def __enter__(self):
         return self

@@ -20,7 +20,8 @@ from labkit.config import EngineConfig, ModelConfig
 from labkit.engine.kv_cache import KVCachePlan, allocate_kv_cache
 from labkit.engine.sampler import SampleRow, Sampler
 from labkit.engine.scheduler import ScheduledBatch
-from labkit.layers.attention import AttentionMetadata, TorchAttentionBackend
+from labkit.layers.attention import AttentionMetadata
+from labkit.layers.backend import make_backend
 
 log = logging.getLogger("labkit")
 
@@ -55,10 +56,10 @@ class ModelRunner:
         self.device, self.dtype = device, dtype
         self.block_size = plan.block_size
         self.kv_cache = allocate_kv_cache(cfg, plan, ec.tp, device, dtype)
-        self.backend = TorchAttentionBackend()
+        self.backend = make_backend(ec.attention_backend, device)
+        model.set_backend(self.backend)
         for layer, (k_cache, v_cache) in zip(model.layers, self.kv_cache):
-            layer.attn.k_cache, layer.attn.v_cache = k_cache, v_cache
-            layer.attn.backend = self.backend
+            layer.attention.attn.k_cache, layer.attention.attn.v_cache = k_cache, v_cache
         max_blocks = -(-ec.session_len // plan.block_size)
         max_tokens = max(ec.max_prefill_token_num, ec.max_batch_size)
         self.buffers = InputBuffers(max_tokens, ec.max_batch_size, max_blocks, device)

@@ -1,14 +1,12 @@
-"""Attention: one layer's paged KV cache and the backend that reads/writes it.
+"""Attention: one layer's paged KV cache and the backend ops that write and read it.
 
 Two ways in:
 - `metadata is None` (the reference path): one contiguous causal attention over the given
   tokens, no KV cache. Used to check logits against HF transformers.
 - `metadata` set (the engine path): write this step's K/V into the paged cache
   (`store_kv`), then `paged_prefill` (new tokens attend to cached prefix + themselves) or
-  `paged_decode` (one new token per sequence).
-
-The backend is the seam the Triton issue replaces: `TorchAttentionBackend` calls the PyTorch
-references in kernels/; a Triton backend offers the same four methods.
+  `paged_decode` (one new token per sequence). The ops come from the backend
+  (labkit/layers/backend.py): the PyTorch references or the Triton kernels.
 """
 from __future__ import annotations
 
@@ -18,6 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from labkit.layers.backend import TORCH
 
 
 @dataclass
@@ -29,25 +29,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor           # (B,) int32: tokens in cache after this step
     cu_seqlens_q: Optional[torch.Tensor] = None   # (B+1,) int32, prefill only
     max_seqlen_q: int = 1
-
-
-class TorchAttentionBackend:
-    """The readable reference path (kernels/paged_attention.py)."""
-    name = "torch"
-
-    def __init__(self):
-        from kernels import paged_attention as ref
-        self.ref = ref
-
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        self.ref.store_kv(k, v, k_cache, v_cache, slot_mapping)
-
-    def prefill(self, q, k, v, k_cache, v_cache, md: AttentionMetadata, scale: float):
-        return self.ref.paged_prefill(q, k, v, k_cache, v_cache, md.block_tables,
-                                      md.cu_seqlens_q, md.context_lens, scale)
-
-    def decode(self, q, k_cache, v_cache, md: AttentionMetadata, scale: float):
-        return self.ref.paged_decode(q, k_cache, v_cache, md.block_tables, md.context_lens, scale)
+    decode_splits: Optional[int] = None  # split-KV factor of the decode kernel (None: its choice)
 
 
 class Attention(nn.Module):
@@ -57,7 +39,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
-        self.backend: TorchAttentionBackend | None = None
+        self.backend = TORCH
         self.k_cache: torch.Tensor | None = None   # (num_blocks, block_size, Hkv, D), set by the runner
         self.v_cache: torch.Tensor | None = None
 

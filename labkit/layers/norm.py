@@ -1,7 +1,9 @@
-"""RMSNorm, computed in float32 as HF transformers does (so fp32 logits match to ~1e-6)."""
+"""RMSNorm, computed in float32 as HF transformers does (so fp32 logits match to ~1e-6),
+optionally fused with the residual add in front of it (kernels/rms_norm.py)."""
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from labkit.layers.backend import TORCH
 
 
 class RMSNorm(nn.Module):
@@ -9,9 +11,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.backend = TORCH
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:       # (..., H)
-        # x * rsqrt(mean(x^2) + eps) in float32, then the weight in x's dtype (as HF does);
-        # F.rms_norm is that formula in one fused op.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)    # (..., H) float32
-        return self.weight * normed.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x (..., H) -> y; with residual -> (y, x + residual), the sum being the next residual."""
+        return self.backend.rms_norm(x, self.weight, self.eps, residual)

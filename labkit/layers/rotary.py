@@ -1,41 +1,39 @@
-"""Rotary position embedding (RoPE), HF "rotate half" convention.
+"""Rotary position embedding (RoPE), HF "rotate half" convention (kernels/rotary.py).
 
-cos/sin are precomputed for every position up to max_positions. Each step looks up its
-tokens' rows once (`cos_sin`), and every layer rotates its queries and keys with them, so
-packed batches of sequences at different offsets need no padding.
+cos/sin are precomputed for every position up to max_positions; each layer rotates its
+queries and keys together, in place, by looking up its tokens' positions, so packed batches
+of sequences at different offsets need no padding.
 """
 import torch
 from torch import nn
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:          # (..., D)
-    x1, x2 = x.chunk(2, dim=-1)                             # (..., D/2) each
-    return torch.cat((-x2, x1), dim=-1)                     # (..., D)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (..., H, D) rotated by cos/sin (..., 1, D); computed in float32, returned in x's dtype."""
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+from labkit.layers.backend import TORCH
 
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, base: float, max_positions: int):
         super().__init__()
-        self.head_dim, self.base = head_dim, base
+        self.head_dim, self.base, self.max_positions = head_dim, base, max_positions
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.backend = TORCH
+        self.build()
+
+    def build(self, device=None) -> "RotaryEmbedding":
+        """(Re)compute the tables in float32 on `device`: after `to_empty`, or after a cast of
+        the model to bf16, which would otherwise round the angles of far positions."""
+        device = device or self.cos.device
+        if device.type == "meta":
+            device = torch.device("cpu")
+        d = self.head_dim
         # inv_freq_i = base^(-2i/D): one frequency per pair of channels
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        t = torch.arange(max_positions, dtype=torch.float32)             # (P,)
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+        t = torch.arange(self.max_positions, dtype=torch.float32, device=device)  # (P,)
         freqs = torch.outer(t, inv_freq)                                 # (P, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)                          # (P, D)
-        self.register_buffer("cos", emb.cos(), persistent=False)         # (P, D)
-        self.register_buffer("sin", emb.sin(), persistent=False)         # (P, D)
+        self.cos, self.sin = emb.cos(), emb.sin()                        # (P, D) float32 each
+        return self
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (N,) or (B, L) -> cos, sin (..., 1, D), broadcasting over heads."""
-        return self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q (..., Hq, D), k (..., Hkv, D) with positions' leading dims -> rotated q, k."""
-        cos, sin = self.cos_sin(positions)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    def forward(self, positions: torch.Tensor, qk: torch.Tensor) -> torch.Tensor:
+        """qk (..., Hq+Hkv, D) with positions' leading dims, rotated in place; returns qk."""
+        return self.backend.rotary(qk, positions, self.cos, self.sin)

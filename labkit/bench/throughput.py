@@ -12,35 +12,10 @@ tokens requests asked for, for both.
 from __future__ import annotations
 
 import json
-import platform
-import random
-import subprocess
 import time
-from dataclasses import dataclass
 
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    output_len: int
-
-
-def corpus_ids(tokenizer) -> list[int]:
-    """Token ids of the English documentation that ships with CPython (no download)."""
-    from pydoc_data.topics import topics
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    return tokenizer.encode(text)
-
-
-def make_workload(tokenizer, n: int, input_range, output_range, seed: int) -> list[Request]:
-    rng = random.Random(seed)
-    ids = corpus_ids(tokenizer)
-    out = []
-    for _ in range(n):
-        lp, lo = rng.randint(*input_range), rng.randint(*output_range)
-        start = rng.randrange(0, len(ids) - lp)
-        out.append(Request(ids[start:start + lp], lo))
-    return out
+from labkit.bench.common import alternate, commit, device_name
+from labkit.bench.workload import Request, make_workload
 
 
 def run_engine(engine, reqs: list[Request]) -> dict:
@@ -98,32 +73,6 @@ def load_hf(model_path, dtype, device):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw).to(device).eval()
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
-def _median(runs: list[dict]) -> dict:
-    """The run with the median time, plus every run's time."""
-    runs = sorted(runs, key=lambda m: m["seconds"])
-    mid = dict(runs[len(runs) // 2])
-    mid["all_seconds"] = [round(m["seconds"], 3) for m in runs]
-    return mid
-
-
-def _alternate(fns: dict, repeats: int) -> dict:
-    """Run each measurement `repeats` times, taking turns (A B A B ...), so a noisy
-    neighbour on a shared machine slows both alike; report each one's median run."""
-    runs = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            runs[name].append(fn())
-    return {name: _median(r) for name, r in runs.items()}
-
-
 def throughput(args) -> dict:
     import torch
     from labkit.config import EngineConfig
@@ -139,8 +88,8 @@ def throughput(args) -> dict:
     run_engine(engine, warm)
     if hf is not None:
         run_hf(hf, warm, 2, pad, engine.device)
-    result = {"benchmark": "throughput", "model": str(args.model), "commit": _commit(),
-              "date": time.strftime("%Y-%m-%d"), "device": _device_name(engine.device),
+    result = {"benchmark": "throughput", "model": str(args.model), "commit": commit(),
+              "date": time.strftime("%Y-%m-%d"), "device": device_name(engine.device),
               "dtype": str(engine.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
               "repeats": args.repeats,
               "workload": {"num_requests": args.num_requests, "input_len": list(args.input_len),
@@ -152,18 +101,11 @@ def throughput(args) -> dict:
     fns["labkit_batch1"] = lambda: run_engine(engine, one)
     if hf is not None:
         fns["hf_batch1"] = lambda: run_hf(hf, one, 1, pad, engine.device)
-    result.update(_alternate(fns, args.repeats))
+    result.update(alternate(fns, args.repeats))
     if hf is not None:
         result["speedup"] = result["labkit"]["output_tok_s"] / result["hf"]["output_tok_s"]
         result["speedup_batch1"] = result["labkit_batch1"]["output_tok_s"] / result["hf_batch1"]["output_tok_s"]
     return result
-
-
-def _device_name(device) -> str:
-    import torch
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def print_table(r: dict) -> None:

@@ -1,0 +1,87 @@
+"""The op backend: which implementation of each kernel the model calls.
+
+Every layer that computes something other than a matrix product (RMSNorm, RoPE, SiLU-and-mul,
+the paged-attention ops) calls `self.backend.<op>`. Two backends share one interface:
+
+    TorchBackend   the PyTorch references in kernels/*.py (CPU engine, parity tests, reading)
+    TritonBackend  the Triton kernels beside them (GPU engine; CPU under TRITON_INTERPRET=1)
+
+`LlamaForCausalLM.set_backend` hands one backend to every layer. This is the seam to replace
+when you write your own kernel: subclass a backend and override one op.
+"""
+from __future__ import annotations
+
+import torch
+
+import kernels as K
+
+
+class TorchBackend:
+    """The readable reference path."""
+    name = "torch"
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        return K.rms_norm_ref(x, weight, eps, residual)
+
+    def rotary(self, x, positions, cos, sin):
+        return K.rotary_ref(x, positions, cos, sin)
+
+    def silu_and_mul(self, x):
+        return K.silu_and_mul_ref(x)
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        K.store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill(self, q, k, v, k_cache, v_cache, md, scale):
+        return K.paged_prefill_ref(q, k, v, k_cache, v_cache, md.block_tables, md.cu_seqlens_q,
+                                   md.context_lens, scale)
+
+    def decode(self, q, k_cache, v_cache, md, scale):
+        return K.paged_decode_ref(q, k_cache, v_cache, md.block_tables, md.context_lens, scale)
+
+
+class TritonBackend(TorchBackend):
+    """The fast path: one Triton launch per op, no host sync (CUDA graphs can capture it)."""
+    name = "triton"
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        return K.rms_norm_triton(x, weight, eps, residual)
+
+    def rotary(self, x, positions, cos, sin):
+        flat = x.reshape(-1, *x.shape[-2:]) if x.dim() > 3 else x      # (N, H, D) view
+        K.rotary_triton(flat, positions.reshape(-1), cos, sin)
+        return x
+
+    def silu_and_mul(self, x):
+        return K.silu_and_mul_triton(x)
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        K.store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill(self, q, k, v, k_cache, v_cache, md, scale):
+        return K.paged_prefill_triton(q, k, v, k_cache, v_cache, md.block_tables, md.cu_seqlens_q,
+                                      md.context_lens, scale, max_seqlen_q=md.max_seqlen_q)
+
+    def decode(self, q, k_cache, v_cache, md, scale):
+        return K.paged_decode_triton(q, k_cache, v_cache, md.block_tables, md.context_lens, scale,
+                                     num_splits=md.decode_splits)
+
+
+BACKENDS = {"torch": TorchBackend, "triton": TritonBackend}
+
+
+def make_backend(name: str, device: torch.device):
+    """`auto`: Triton on CUDA when it is installed, the PyTorch references elsewhere."""
+    from kernels._triton import HAS_TRITON
+    from labkit.config import ConfigError
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    if name not in BACKENDS:
+        raise ConfigError(f"attention_backend={name!r} is not allowed: attention_backend must be "
+                          f"one of auto, {', '.join(BACKENDS)}")
+    if name == "triton" and not HAS_TRITON:
+        raise ConfigError("attention_backend='triton' is not allowed here: Triton is not installed")
+    return BACKENDS[name]()
+
+
+TORCH = TorchBackend()     # the default every layer starts with
