@@ -17,6 +17,7 @@ import torch
 
 from labkit.config import ConfigError, EngineConfig, GenerationConfig
 from labkit.engine.block_manager import BlockManager
+from labkit.engine.device import resolve_device
 from labkit.engine.kv_cache import bytes_per_token, plan_kv_cache
 from labkit.engine.model_runner import ModelRunner
 from labkit.engine.sampler import make_generator
@@ -40,20 +41,6 @@ class RequestOutput:
     finish_reason: str | None = None   # stop | length | abort
     num_prefix_hit_tokens: int = 0
     metrics: dict = field(default_factory=dict)
-
-
-def resolve_device(ec: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    if ec.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(ec.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device={ec.device!r} is not allowed here: no CUDA device; use auto or cpu")
-    if ec.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, ec.dtype)
-    return device, dtype
 
 
 class LLMEngine:
