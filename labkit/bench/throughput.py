@@ -12,6 +12,7 @@ tokens requests asked for, for both.
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from labkit.bench.common import alternate, commit, device_name
@@ -78,13 +79,15 @@ def throughput(args) -> dict:
     from labkit.config import EngineConfig
     from labkit.engine.engine import LLMEngine
     ec = EngineConfig(max_batch_size=args.max_batch_size, session_len=args.session_len,
-                      cache_max_entry_count=args.cache_max_entry_count, device=args.device)
+                      cache_max_entry_count=args.cache_max_entry_count, device=args.device,
+                      dtype=args.dtype)
     engine = LLMEngine(args.model, ec)
     reqs = make_workload(engine.tokenizer, args.num_requests, args.input_len, args.output_len, args.seed)
     one = [Request(reqs[0].prompt_ids[:16], args.batch1_output_len)]
     warm = make_workload(engine.tokenizer, 2, (16, 32), (4, 8), args.seed + 1)
     pad = engine.tokenizer.eos_token_id
-    hf = None if args.no_hf else load_hf(args.model, engine.dtype, engine.device)
+    peers = args.peer or ["hf"]
+    hf = None if args.no_hf or "hf" not in peers else load_hf(args.model, engine.dtype, engine.device)
     run_engine(engine, warm)
     if hf is not None:
         run_hf(hf, warm, 2, pad, engine.device)
@@ -98,6 +101,13 @@ def throughput(args) -> dict:
     fns = {"labkit": lambda: run_engine(engine, reqs)}
     if hf is not None:
         fns["hf"] = lambda: run_hf(hf, reqs, args.max_batch_size, pad, engine.device)
+    if "llamacpp" in peers:                           # labkit/bench/llamacpp.py
+        from labkit.bench.llamacpp import llamacpp_measurements
+        llama_fns, result["llamacpp_peer"] = llamacpp_measurements(
+            args.model, reqs, one, warm, args.session_len, torch.get_num_threads())
+        if not llama_fns:
+            print(f"llama.cpp peer skipped: {result['llamacpp_peer']['skipped']}", file=sys.stderr)
+        fns.update(llama_fns)
     fns["labkit_batch1"] = lambda: run_engine(engine, one)
     if hf is not None:
         fns["hf_batch1"] = lambda: run_hf(hf, one, 1, pad, engine.device)
@@ -105,6 +115,10 @@ def throughput(args) -> dict:
     if hf is not None:
         result["speedup"] = result["labkit"]["output_tok_s"] / result["hf"]["output_tok_s"]
         result["speedup_batch1"] = result["labkit_batch1"]["output_tok_s"] / result["hf_batch1"]["output_tok_s"]
+    if "llamacpp" in result:
+        result["speedup_vs_llamacpp"] = result["labkit"]["output_tok_s"] / result["llamacpp"]["output_tok_s"]
+        result["speedup_vs_llamacpp_batch1"] = (result["labkit_batch1"]["output_tok_s"]
+                                                / result["llamacpp_batch1"]["output_tok_s"])
     return result
 
 
@@ -115,12 +129,17 @@ def print_table(r: dict) -> None:
           f"commit {r['commit']} | median of {r['repeats']}")
     print(f"{'engine':<28}{'seconds':>10}{'out tok/s':>12}{'req/s':>10}")
     rows = [("labkit (continuous batching)", r["labkit"]), ("HF generate (static batches)", r.get("hf")),
-            ("labkit batch 1", r["labkit_batch1"]), ("HF generate batch 1", r.get("hf_batch1"))]
+            ("llama.cpp (one at a time)", r.get("llamacpp")),
+            ("labkit batch 1", r["labkit_batch1"]), ("HF generate batch 1", r.get("hf_batch1")),
+            ("llama.cpp batch 1", r.get("llamacpp_batch1"))]
     for name, m in rows:
         if m:
             print(f"{name:<28}{m['seconds']:>10.2f}{m['output_tok_s']:>12.1f}{m['requests_s']:>10.3f}")
     if "speedup" in r:
         print(f"speedup vs HF: {r['speedup']:.2f}x (mixed workload), {r['speedup_batch1']:.2f}x (batch-1 decode)")
+    if "speedup_vs_llamacpp" in r:
+        print(f"speedup vs llama.cpp: {r['speedup_vs_llamacpp']:.2f}x (mixed workload), "
+              f"{r['speedup_vs_llamacpp_batch1']:.2f}x (batch-1 decode)")
 
 
 def main(args) -> int:
@@ -145,8 +164,12 @@ def add_throughput_args(t) -> None:
     flag(t, "cache_max_entry_count", type=float, default=0.8)
     flag(t, "batch1_output_len", type=int, default=64)
     flag(t, "device", default="auto")
+    flag(t, "dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16, else fp32) | fp32 | bf16")
     flag(t, "seed", type=int, default=0)
     flag(t, "repeats", type=int, default=3, help="runs per measurement; the median is reported")
     flag(t, "no_hf", action="store_true", help="skip the HF transformers baseline")
+    flag(t, "peer", action="append", choices=["hf", "llamacpp"],
+         help="peer(s) measured in the same run (repeatable; default hf); llamacpp needs "
+              "llama-cpp-python (the bench extra) and a .gguf model")
     flag(t, "output", help="also write the JSON result to this file")
     t.add_argument("--json", action="store_true", help="print one JSON object as the last line")
