@@ -120,6 +120,14 @@ def register_bench(sub) -> None:
                  "on a mixed-length workload.", _lazy("labkit.bench.throughput", "main"))
     from labkit.bench.throughput import add_throughput_args
     add_throughput_args(t)
+    d = _command(bsub, "decode", "Decode step time vs HF transformers (eager, static cache + "
+                 "torch.compile) and the memory-bandwidth roofline.", _lazy("labkit.bench.decode", "main"))
+    from labkit.bench.args import add_decode_args
+    add_decode_args(d)
+    k = _command(bsub, "kernels", "Paged attention kernels vs torch SDPA on contiguous KV (GPU).",
+                 _lazy("labkit.bench.kernels", "main"))
+    from labkit.bench.args import add_kernels_args
+    add_kernels_args(k)
 
 
 REGISTRARS = [register_check_env, register_convert, register_inspect, register_chat, register_bench]

@@ -3,7 +3,8 @@
 - Notebooks (collected by nbmake when pytest runs with `--nbmake`) run in fast mode unless
   LABKIT_FAST is set already: their `parameters` cell reads it from the environment, which the
   notebook kernel inherits from this process.
-- Tests marked `gpu` are skipped when there is no CUDA device.
+- Tests marked `gpu` are skipped when there is no CUDA device; without one, Triton kernels run
+  in the CPU interpreter (TRITON_INTERPRET=1).
 - fixtures `labkit_run` / `labkit_popen` run the CLI as a student does (`python -m labkit ...`)
   in a subprocess; `tiny_llama_dir` and `bundled_gguf` are the two model sources.
 """
@@ -19,6 +20,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("LABKIT_FAST", "1")
+
+
+def _set_triton_interpreter() -> None:
+    """Without a CUDA device, Triton kernels run in the CPU interpreter (read when a kernel file
+    is first imported, so set it before any test module imports kernels/)."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return
+    except ImportError:
+        return
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_set_triton_interpreter()
 
 
 def pytest_collection_modifyitems(config, items):

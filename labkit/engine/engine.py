@@ -97,6 +97,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.generated_tokens_total = 0
         self.num_steps = 0
+        self.host_seconds = 0.0           # schedule + postprocess time, summed over steps
         self.last_batch = None
 
     # ------------------------------------------------------------------ requests
@@ -144,17 +145,23 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:
             if self.has_unfinished():
                 raise RuntimeError("no request can be scheduled: the KV cache is too small")
             return []
         self.last_batch = batch                            # for notebooks and tests to inspect
+        t1 = time.perf_counter()
         sampled = self.runner.run(batch)                   # {seq_id: token}
+        t2 = time.perf_counter()
         self.scheduler.postprocess(batch)
         self.num_steps += 1
-        return [out for seq in batch.seqs if seq.seq_id in sampled
+        outs = [out for seq in batch.seqs if seq.seq_id in sampled
                 for out in [self._on_token(seq, sampled[seq.seq_id])]]
+        # host time outside the runner: scheduling, block bookkeeping, stop checks, detokenizing
+        self.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
+        return outs
 
     def _on_token(self, seq: Sequence, token: int) -> RequestOutput:
         if seq.first_token_time is None:
@@ -206,4 +213,6 @@ class LLMEngine:
                 "prefix_cache_hits": bm.stats.prefix_cache_hits,
                 "evictions": bm.stats.evictions, "preemptions": self.scheduler.num_preemptions,
                 "generated_tokens_total": self.generated_tokens_total, "steps": self.num_steps,
+                "host_ms_per_step": 1e3 * (self.host_seconds + self.runner.prepare_seconds)
+                                    / max(1, self.num_steps),
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}
