@@ -7,13 +7,16 @@
 
 The layer itself does not know about ranks: the loader (labkit/models/loader.py) gives it the
 slice of the weight its rank owns, and the model all-reduces after the row-parallel ones.
-Weight layout is torch's and TurboMind's: (out_features, in_features).
+Weight layout is torch's and TurboMind's: (out_features, in_features). The product goes
+through the op backend: F.linear (cuBLAS / CPU BLAS), or on the GPU for a decode batch of at
+most 16 rows in bf16 a Triton kernel that streams the weights faster (kernels/gemv.py).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from labkit.layers.backend import TORCH
 
 
 class Linear(nn.Module):
@@ -24,9 +27,10 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.backend = TORCH         # F.linear, or a skinny-matmul kernel for decode batches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.backend.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

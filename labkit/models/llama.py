@@ -156,7 +156,7 @@ class LlamaForCausalLM(nn.Module):
         else:
             n = self.cfg.vocab_size // self.tp
             head = self.tok_embeddings.weight.narrow(0, self.rank * n, n)  # (V/tp, H)
-        logits = F.linear(hidden, head)                                  # (..., V/tp)
+        logits = self.backend.linear(hidden, head)                       # (..., V/tp)
         if self.tp > 1:
             import torch.distributed as dist
             parts = [torch.empty_like(logits) for _ in range(self.tp)]
