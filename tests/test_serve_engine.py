@@ -139,3 +139,40 @@ def test_close_ends_streams_with_abort(engine):
 
     asyncio.run(main())
     assert engine.stats()["blocks_used"] == 0
+
+
+def test_a_reader_cancelled_twice_still_aborts(engine):
+    """anyio (Starlette) cancels every await in a cancelled scope again, the abort's too: the
+    abort must run anyway, or a dropped client's request would run to its end."""
+    import threading
+    aeng = AsyncEngine(engine)
+    gate, blocked = threading.Event(), threading.Event()
+
+    async def main():
+        started = asyncio.Event()
+        before = aeng.stats()["generated_tokens_total"]
+
+        async def reader():
+            async for _ in aeng.generate("Tell a long story.", GenerationConfig(max_new_tokens=400, ignore_eos=True)):
+                started.set()
+        task = asyncio.create_task(reader())
+        await started.wait()
+        aeng._submit(lambda: (blocked.set(), gate.wait()))  # park the engine thread
+        await asyncio.to_thread(blocked.wait)
+        task.cancel()
+        await asyncio.sleep(0.05)       # the reader now awaits its abort in `finally`
+        task.cancel()                   # ... and that await is cancelled too
+        await asyncio.gather(task, return_exceptions=True)
+        gate.set()
+        for _ in range(100):
+            if aeng.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert aeng.stats()["running"] == 0 and aeng.stats()["blocks_used"] == 0
+        assert aeng.stats()["generated_tokens_total"] - before < 100    # aborted, not finished
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.set()
+        aeng.close()

@@ -100,16 +100,19 @@ class AsyncEngine:
         except queue.Empty:
             return
         while True:
-            fn, fut = item
-            if fut.set_running_or_notify_cancel():     # False: the caller gave up already
+            fn, fut, cancellable = item
+            # A caller that gave up (a cancelled await) cancels its future. An add is then
+            # skipped; an abort or a release runs all the same (that is the point of it).
+            gave_up = not fut.set_running_or_notify_cancel()
+            if not (gave_up and cancellable):
                 try:
                     result = fn()
                 except BaseException as e:
                     self._stats = self._collect_stats()
-                    fut.set_exception(e)
+                    None if gave_up else fut.set_exception(e)
                 else:                              # stats first: a caller that awaited an
                     self._stats = self._collect_stats()   # abort then reads fresh numbers
-                    fut.set_result(result)
+                    None if gave_up else fut.set_result(result)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -152,7 +155,7 @@ class AsyncEngine:
             self._let_go(hold)
         while True:                                    # commands that came too late
             try:
-                _, fut = self._inbox.get_nowait()
+                _, fut, _ = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if fut.set_running_or_notify_cancel():
@@ -218,12 +221,13 @@ class AsyncEngine:
         return st
 
     # ------------------------------------------------------------------ callers (any thread)
-    def _submit(self, fn: Callable) -> Future:
+    def _submit(self, fn: Callable, cancellable: bool = False) -> Future:
+        """Queue `fn` for the engine thread; its result or exception lands in the future."""
         fut: Future = Future()
         with self._submit_lock:
             if self._stopped:
                 raise EngineClosed("the engine is closed")
-            self._inbox.put((fn, fut))
+            self._inbox.put((fn, fut, cancellable))
         return fut
 
     async def add(self, prompt, gen_config: GenerationConfig | None = None,
@@ -243,7 +247,7 @@ class AsyncEngine:
                 self._keep[rid] = (self.engine.seqs[rid], hold)
             return rid
 
-        fut = self._submit(add)
+        fut = self._submit(add, cancellable=True)
         try:
             rid = await asyncio.wrap_future(fut)
         except asyncio.CancelledError:                 # gone before the request was added
