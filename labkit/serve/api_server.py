@@ -19,12 +19,16 @@ from labkit.config import ConfigError
 log = logging.getLogger("labkit")
 
 
-def default_model_name(model: str) -> str:
-    """The id clients send: the alias or dummy:SHAPE as typed, else the folder/file name."""
+def default_model_name(model: str, config_name: str | None = None) -> str:
+    """The id clients send: the alias or dummy:SHAPE as typed; for a workspace its config.ini
+    model_name (as lmdeploy); else the folder or file name."""
     from labkit.models import bundled, dummy
+    from labkit.models.loader import is_workspace
     model = str(model)
     if bundled.is_alias(model) or dummy.is_dummy(model):
         return model
+    if config_name and is_workspace(model):
+        return config_name
     p = Path(model)
     return p.stem if p.suffix == ".gguf" else p.resolve().name
 
@@ -66,7 +70,7 @@ def build_server(args):
 
     engine = LLMEngine(args.model, engine_config_from_args(args))
     aeng = AsyncEngine(engine, max_waiting=args.max_waiting_requests)
-    name = args.served_model_name or default_model_name(args.model)
+    name = args.served_model_name or default_model_name(args.model, engine.model_config.model_name)
     app = build_app(aeng, name, api_keys=args.api_keys or (), allow_origins=args.allow_origins or (),
                     max_sessions=args.max_sessions, session_idle_timeout=args.session_idle_timeout)
     config = uvicorn.Config(app, host=args.server_name, port=args.server_port,
