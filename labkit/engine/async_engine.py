@@ -55,6 +55,11 @@ class KVHold:
     last_used: float = field(default_factory=time.monotonic)
 
 
+def _put_all(items: list) -> None:
+    for q, out in items:
+        q.put_nowait(out)
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting: int | None = None,
                  max_held_fraction: float = 0.5):
@@ -88,8 +93,7 @@ class AsyncEngine:
                     continue
                 self._keep_finished_kv(outputs)
                 self._stats = self._collect_stats()
-                for out in outputs:
-                    self._deliver(out)
+                self._deliver_all(outputs)
         finally:
             self._shutdown()
 
@@ -119,13 +123,21 @@ class AsyncEngine:
                 return
 
     def _deliver(self, out: RequestOutput | BaseException, rid: str | None = None) -> None:
-        rid = rid or out.request_id
-        target = self._streams.pop(rid, None) if (isinstance(out, BaseException) or out.finished) \
-            else self._streams.get(rid)
-        if target is not None:
-            loop, q = target
+        self._deliver_all([out], rid)
+
+    def _deliver_all(self, outs: list, rid: str | None = None) -> None:
+        """Hand outputs to their callers' queues: one wake-up per event loop per step, not
+        one per token (a step of a 64-request batch makes 64 outputs)."""
+        by_loop: dict = {}
+        for out in outs:
+            key = rid or out.request_id
+            done = isinstance(out, BaseException) or out.finished
+            target = self._streams.pop(key, None) if done else self._streams.get(key)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(q.put_nowait, out)
+                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:                       # that caller's event loop is gone
                 pass
 

@@ -88,19 +88,24 @@ class ServerState:
         room = self.session_len - len(ids)
         return room if asked is None else min(asked, room)
 
-    async def start(self, prompt, gen_config, request_id: str, hold: KVHold | None = None):
+    async def start(self, prompt, gen_config, request_id: str, endpoint: str,
+                    hold: KVHold | None = None) -> AsyncIterator:
+        """Queue the request; return its outputs (errors before that map to 400 / 503)."""
+        timer = self.metrics.timer(endpoint)          # TTFT counts the time in the queue
         try:
-            return await self.aeng.add(prompt, gen_config, request_id, hold=hold)
+            stream = await self.aeng.add(prompt, gen_config, request_id, hold=hold)
         except QueueFull as e:
             raise APIError(503, str(e), code="queue_full") from None
         except EngineClosed:
             raise APIError(503, "the server is shutting down", code="shutting_down") from None
         except ValueError as e:
             raise bad_request(str(e)) from None
+        return self._timed(stream, timer)
 
-    async def timed(self, stream, endpoint: str) -> AsyncIterator:
-        """The request's outputs, recording TTFT, inter-token latency and totals."""
-        timer = self.metrics.timer(endpoint)
+    @staticmethod
+    async def _timed(stream, timer) -> AsyncIterator:
+        """The request's outputs, recording TTFT, inter-token latency and totals; closing it
+        early aborts the request."""
         try:
             async for out in stream:
                 if out.new_token_ids:
@@ -216,7 +221,7 @@ def build_app(aeng: AsyncEngine, model_name: str, api_keys=(), allow_origins=(),
         ids = state.chat_ids([m.as_dict() for m in req.messages])
         gc = req.generation_config(state.max_tokens(ids, req.max_completion_tokens or req.max_tokens))
         rid, created = P.new_id("chatcmpl"), int(time.time())
-        outputs = state.timed(await state.start(ids, gc, rid), "chat")
+        outputs = await state.start(ids, gc, rid, "chat")
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
         if req.stream:
             def chunk(out):
@@ -243,7 +248,7 @@ def build_app(aeng: AsyncEngine, model_name: str, api_keys=(), allow_origins=(),
         ids = state.completion_ids(req.prompt)
         gc = req.generation_config(state.max_tokens(ids, req.max_tokens or 16))  # OpenAI: 16
         rid, created = P.new_id("cmpl"), int(time.time())
-        outputs = state.timed(await state.start(ids, gc, rid), "completions")
+        outputs = await state.start(ids, gc, rid, "completions")
         base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
         if req.stream:
             def chunk(out):

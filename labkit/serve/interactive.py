@@ -35,7 +35,7 @@ def add_interactive_route(router: APIRouter, state: ServerState) -> None:
     async def chat_interactive(req: P.InteractiveRequest, raw: Request):
         if req.stop:
             s = state.sessions.find(req.session_id)
-            if s is not None and state.sessions.busy(s):
+            if s is not None and state.sessions.busy(s) and s.request_id:
                 await asyncio.wrap_future(state.aeng.abort(s.request_id))
             return P.InteractiveChunk(text="", tokens=0, finish_reason="abort" if s else None,
                                       session_id=req.session_id)
@@ -62,8 +62,13 @@ def add_interactive_route(router: APIRouter, state: ServerState) -> None:
             raise bad_request(f"prompt: {e}", "prompt") from None
         gc = req.generation_config(state.max_tokens(ids, req.request_output_len))
         rid = P.new_id(f"session-{sid}")
+        session.turn_open, session.request_id = True, None     # busy from here on
         hold = session.hold if req.interactive_mode else None
-        outputs = state.timed(await state.start(ids, gc, rid, hold=hold), "interactive")
+        try:
+            outputs = await state.start(ids, gc, rid, "interactive", hold=hold)
+        except BaseException:
+            session.turn_open = False
+            raise
         session.request_id = rid
 
         def line(out, text: str) -> P.InteractiveChunk:
@@ -73,7 +78,7 @@ def add_interactive_route(router: APIRouter, state: ServerState) -> None:
                                       prefix_hit_tokens=out.num_prefix_hit_tokens)
 
         def after_turn(out) -> None:
-            session.request_id = None
+            session.turn_open = False
             if out is not None and out.finished and out.finish_reason != "abort":
                 session.messages = messages + [{"role": "assistant", "content": out.text}]
                 session.token_ids = ids + out.token_ids

@@ -26,7 +26,8 @@ class ChatSession:
     messages: list[dict] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)   # what the engine saw, in order
     hold: KVHold = field(default_factory=KVHold)
-    request_id: str | None = None          # the turn running now, if any
+    request_id: str | None = None          # the engine request of the last turn (None: queuing)
+    turn_open: bool = False                # a turn was started and has not ended
     last_used: float = field(default_factory=time.monotonic)
     turns: int = 0
 
@@ -41,9 +42,9 @@ class SessionStore:
         return len(self._sessions)
 
     def busy(self, s: ChatSession) -> bool:
-        """A turn of this session is in the engine (a turn whose client left before reading
-        a single line is aborted by the engine, so it does not keep the session busy)."""
-        return s.request_id is not None and self.aeng.is_live(s.request_id)
+        """A turn of this session is being queued or is in the engine. (A turn whose client
+        left before reading a single line is aborted, so it does not keep the session busy.)"""
+        return s.turn_open and (s.request_id is None or self.aeng.is_live(s.request_id))
 
     def find(self, session_id: int) -> ChatSession | None:
         return self._sessions.get(session_id)
