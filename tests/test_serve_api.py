@@ -88,6 +88,21 @@ def test_completions_stream_and_nonstream(client, pipe):
     assert by_ids.choices[0].text == ref.text
 
 
+def test_sampling_knobs_reach_the_engine(client, pipe):
+    """Seeded sampling is reproducible and per request, so the server must give exactly what
+    pipeline() gives with the same GenerationConfig: every knob is mapped right."""
+    messages = [{"role": "user", "content": question(random.Random())}]
+    seed = random.randint(0, 2**31)
+    gc = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=0.9, top_p=0.8, top_k=20,
+                          repetition_penalty=1.1, random_seed=seed)
+    ref = pipe(messages, gen_config=gc).text
+    got = [client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=16, temperature=0.9, top_p=0.8, seed=seed,
+        extra_body={"top_k": 20, "repetition_penalty": 1.1}).choices[0].message.content
+        for _ in range(2)]
+    assert got == [ref, ref]
+
+
 def test_stop_string_cuts_the_answer(client, pipe):
     messages = [{"role": "user", "content": question(random.Random())}]
     ref = pipe(messages, gen_config=GenerationConfig(max_new_tokens=24)).text

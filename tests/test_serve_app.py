@@ -80,3 +80,24 @@ def test_cli_imports_no_serving_stack():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_cors_only_for_the_allowed_origins(app_and_engine):
+    from labkit.serve.app import build_app
+    _, engine = app_and_engine
+    aeng = AsyncEngine(engine)
+    app = build_app(aeng, "tiny", allow_origins=["http://localhost:6006"])
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http:
+            pre = {"Access-Control-Request-Method": "POST"}
+            ok = await http.options("/v1/chat/completions", headers=pre | {"Origin": "http://localhost:6006"})
+            bad = await http.options("/v1/chat/completions", headers=pre | {"Origin": "http://evil.example"})
+            return ok, bad
+
+    try:
+        ok, bad = asyncio.run(main())
+    finally:
+        aeng.close()
+    assert ok.headers["access-control-allow-origin"] == "http://localhost:6006"
+    assert "access-control-allow-origin" not in bad.headers
