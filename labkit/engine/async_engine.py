@@ -11,12 +11,9 @@ asyncio queue. So no event loop ever waits for a model step, and one engine serv
                <-- RequestOutput, one per token - loop.call_soon_threadsafe(queue.put_nowait)
     aclose() / cancel --abort--> inbox -------->  engine.abort: its KV blocks are free at once
 
-Interactive sessions keep their KV between calls: a request given a `KVHold` pins the full
-KV blocks of its prompt + answer when it finishes (BlockManager.pin_prefix), right after the
-step that finished it, before anything can evict them. The next turn re-sends the whole
-conversation and finds those blocks in the prefix cache, so only the new tokens (and the
-last, partly filled block) are computed. Held blocks count as used, but they never hold up a
-request: when one needs them, the oldest holds are let go (their blocks stay cached).
+Interactive sessions keep their KV between calls: a request added with a `KVHold` has the full
+KV blocks of its prompt + answer pinned when it finishes (kv_holds.py), so the session's next
+turn finds them in the prefix cache and computes only its new tokens.
 """
 from __future__ import annotations
 
@@ -24,14 +21,13 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 import weakref
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from labkit.config import GenerationConfig
 from labkit.engine.engine import LLMEngine, RequestOutput
+from labkit.engine.kv_holds import KVHold, KVHolds
 
 log = logging.getLogger("labkit")
 
@@ -48,13 +44,6 @@ class EngineError(RuntimeError):
     """A model step failed; every request in flight gets this."""
 
 
-@dataclass(eq=False)
-class KVHold:
-    """The KV blocks one interactive session keeps between its turns (empty: none held)."""
-    blocks: list[int] = field(default_factory=list)
-    last_used: float = field(default_factory=time.monotonic)
-
-
 def _put_all(items: list) -> None:
     for q, out in items:
         q.put_nowait(out)
@@ -65,14 +54,11 @@ class AsyncEngine:
                  max_held_fraction: float = 0.5):
         self.engine = engine
         self.max_waiting = max_waiting                 # None: no limit on the waiting queue
-        # Sessions may hold at most this many blocks together; the oldest is let go first.
-        self.max_held_blocks = int(engine.block_manager.num_blocks * max_held_fraction)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._submit_lock = threading.Lock()
         self._stopped = False                          # no command is accepted any more
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._keep: dict[str, tuple] = {}              # request id -> (Sequence, KVHold)
-        self._holds: list[KVHold] = []                 # holding blocks, least recently used first
+        self.holds = KVHolds(engine, max_held_fraction)   # sessions' pinned KV (kv_holds.py)
         self._stats = self._collect_stats()
         self._thread = threading.Thread(target=self._loop, name="labkit-engine", daemon=True)
         self._thread.start()
@@ -84,14 +70,14 @@ class AsyncEngine:
                 self._run_commands(wait=not self.engine.has_unfinished())
                 if self._stopped or not self.engine.has_unfinished():
                     continue
-                self._make_room_for_waiting()
+                self.holds.make_room()
                 try:
                     outputs = self.engine.step()
                 except Exception as e:              # fail the requests in flight, keep serving
                     log.exception("engine step failed")
                     self._fail_all(e)
                     continue
-                self._keep_finished_kv(outputs)
+                self.holds.on_step(outputs)
                 self._stats = self._collect_stats()
                 self._deliver_all(outputs)
         finally:
@@ -142,7 +128,7 @@ class AsyncEngine:
                 pass
 
     def _abort(self, rid: str) -> None:
-        self._keep.pop(rid, None)
+        self.holds.forget(rid)
         out = self.engine.abort(rid)
         if out is not None:
             self._deliver(out)                         # finish_reason "abort" ends the stream
@@ -154,7 +140,7 @@ class AsyncEngine:
                 self.engine.abort(rid)
             except Exception:                          # the engine may be half-way through a step
                 log.exception("abort after a failed step")
-            self._keep.pop(rid, None)
+            self.holds.forget(rid)
             self._deliver(err, rid)
         self._stats = self._collect_stats()
 
@@ -163,8 +149,7 @@ class AsyncEngine:
             self._stopped = True
         for rid in list(self._streams):                # running requests end with "abort"
             self._abort(rid)
-        for hold in list(self._holds):
-            self._let_go(hold)
+        self.holds.let_go_all()
         while True:                                    # commands that came too late
             try:
                 _, fut, _ = self._inbox.get_nowait()
@@ -174,62 +159,10 @@ class AsyncEngine:
                 fut.set_exception(EngineClosed("the engine is closed"))
         self._stats = self._collect_stats()
 
-    # ------------------------------------------------------------------ held KV (sessions)
-    def _keep_finished_kv(self, outputs: list[RequestOutput]) -> None:
-        bm = self.engine.block_manager
-        for out in outputs:
-            if not out.finished or out.request_id not in self._keep:
-                continue
-            seq, hold = self._keep.pop(out.request_id)
-            if out.finish_reason == "abort":
-                continue                               # the session keeps its previous turn
-            new = bm.pin_prefix(seq.token_ids[:seq.num_computed_tokens])  # pin new, then
-            bm.unpin(hold.blocks)                      # drop old: shared blocks never go free
-            hold.blocks, hold.last_used = new, time.monotonic()
-            if hold in self._holds:
-                self._holds.remove(hold)
-            self._holds.append(hold)
-            while self._held_blocks() > self.max_held_blocks and len(self._holds) > 1:
-                self._let_go(self._holds[0])
-            if self._held_blocks() > self.max_held_blocks:
-                self._let_go(hold)                     # one conversation larger than the cap
-
-    def _let_go(self, hold: KVHold) -> None:
-        self.engine.block_manager.unpin(hold.blocks)
-        hold.blocks = []
-        if hold in self._holds:
-            self._holds.remove(hold)
-
-    def _held_blocks(self) -> int:
-        """Distinct blocks held (sessions that share a prefix, e.g. a system prompt, share blocks)."""
-        return len({b for h in self._holds for b in h.blocks})
-
-    def _make_room_for_waiting(self) -> None:
-        """Held KV never holds up a request: before a step, let go of the oldest holds while
-        a running sequence would be preempted for want of a block, or the next waiting
-        request could be admitted but for the blocks (otherwise an engine whose cache is
-        full of holds could not run at all)."""
-        sched, bm = self.engine.scheduler, self.engine.block_manager
-        while self._holds and (self._decode_short(sched, bm) or self._admission_short(sched, bm)):
-            log.info("letting go of a session's held KV blocks: a request needs them")
-            self._let_go(self._holds[0])
-
-    @staticmethod
-    def _decode_short(sched, bm) -> bool:
-        growing = sum(1 for s in sched.running if s.blocks_needed() > len(s.block_table))
-        return growing > bm.num_free
-
-    @staticmethod
-    def _admission_short(sched, bm) -> bool:
-        if not sched.waiting or sched.waiting[0].block_table or len(sched.running) >= sched.max_batch_size:
-            return False
-        reserve = sched.watermark if sched.running else 0
-        return not bm.can_allocate(sched.waiting[0], reserve)
-
     def _collect_stats(self) -> dict:
         st = self.engine.stats()
-        st["blocks_held"] = self._held_blocks()
-        st["sessions_holding_kv"] = len(self._holds)
+        st["blocks_held"] = self.holds.num_blocks
+        st["sessions_holding_kv"] = len(self.holds.holds)
         return st
 
     # ------------------------------------------------------------------ callers (any thread)
@@ -256,7 +189,7 @@ class AsyncEngine:
             rid = self.engine.add_request(prompt, gen_config, request_id)
             self._streams[rid] = (loop, q)
             if hold is not None:
-                self._keep[rid] = (self.engine.seqs[rid], hold)
+                self.holds.watch(rid, hold)
             return rid
 
         fut = self._submit(add, cancellable=True)
@@ -292,7 +225,7 @@ class AsyncEngine:
 
     def release(self, hold: KVHold) -> Future:
         """Give back the KV blocks a session holds (ending the session)."""
-        return self._submit(lambda: self._let_go(hold))
+        return self._submit(lambda: self.holds.let_go(hold))
 
     def is_live(self, request_id: str) -> bool:
         """The request is queued or running (not finished, not aborted)."""
