@@ -128,11 +128,36 @@ def register_bench(sub) -> None:
                  _lazy("labkit.bench.kernels", "main"))
     from labkit.bench.args import add_kernels_args
     add_kernels_args(k)
+    s = _command(bsub, "serve", "An api_server under load (vLLM's benchmark_serving): Poisson "
+                 "arrivals, streaming; TTFT, TPOT, ITL, latency percentiles and throughput.",
+                 _lazy("labkit.bench.serve", "main"))
+    from labkit.bench.serve import add_serve_args
+    add_serve_args(s)
 
 
-REGISTRARS = [register_check_env, register_convert, register_inspect, register_chat, register_bench]
+def register_serve(sub) -> None:
+    from labkit.serve.cli import add_api_client_args, add_api_server_args, add_gradio_args
+    p = _command(sub, "serve", "Serve a model: the OpenAI-compatible api_server, its terminal "
+                 "client, a Gradio web UI.", None)
+    ssub = p.add_subparsers(title="servers", metavar="WHAT", required=True)
+    add_api_server_args(_command(
+        ssub, "api_server", "OpenAI-compatible HTTP server (FastAPI + uvicorn) over the engine: "
+        "/v1/models, /v1/chat/completions, /v1/completions, /v1/chat/interactive, /health, "
+        "/metrics. --instance-num is lmdeploy 0.1's name for --max-batch-size.",
+        _lazy("labkit.serve.api_server", "main")))
+    add_api_client_args(_command(
+        ssub, "api_client", "Terminal chat with an api_server through /v1/chat/interactive "
+        "(streaming, multi-turn; 'end' resets the session, 'exit' quits; reads piped stdin).",
+        _lazy("labkit.serve.api_client", "main")))
+    add_gradio_args(_command(
+        ssub, "gradio", "Gradio chat web UI, either on an api_server (http(s)://... argument) or "
+        "on a model loaded here.", _lazy("labkit.serve.gradio_app", "main")))
+
+
+REGISTRARS = [register_check_env, register_convert, register_inspect, register_chat, register_bench,
+              register_serve]
 # Coming with later lessons, each as a register_* function above and one entry here:
-#   serve -> _lazy("labkit.serve.cli", "main")       lite  -> _lazy("labkit.quant.cli", "main")
+#   lite  -> _lazy("labkit.quant.cli", "main")
 #   eval  -> _lazy("labkit.eval", "main")            grade -> _lazy("labkit.grading.cli", "main")
 
 
