@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 
 import kernels as K
+from kernels.kv_quant import store_kv_quant_ref
+from kernels.paged_decode_quant import paged_decode_quant_ref
+from kernels.paged_prefill_quant import paged_prefill_quant_ref
 
 
 class TorchBackend:
@@ -38,6 +41,17 @@ class TorchBackend:
 
     def decode(self, q, k_cache, v_cache, md, scale):
         return K.paged_decode_ref(q, k_cache, v_cache, md.block_tables, md.context_lens, scale)
+
+    # int8/int4 KV cache (quant_policy 8/4): k_cache, v_cache are kernels.kv_quant.QuantKVCache
+    def store_kv_quant(self, k, v, k_cache, v_cache, slot_mapping):
+        store_kv_quant_ref(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill_quant(self, q, k_cache, v_cache, md, scale):
+        return paged_prefill_quant_ref(q, k_cache, v_cache, md.block_tables, md.cu_seqlens_q,
+                                       md.context_lens, scale)
+
+    def decode_quant(self, q, k_cache, v_cache, md, scale):
+        return paged_decode_quant_ref(q, k_cache, v_cache, md.block_tables, md.context_lens, scale)
 
 
 class TritonBackend(TorchBackend):
