@@ -17,6 +17,7 @@ import kernels as K
 from kernels.kv_quant import store_kv_quant_ref
 from kernels.paged_decode_quant import paged_decode_quant_ref
 from kernels.paged_prefill_quant import paged_prefill_quant_ref
+from labkit.layers.backend_quant import TritonKVQuantOps
 
 
 class TorchBackend:
@@ -54,7 +55,7 @@ class TorchBackend:
         return paged_decode_quant_ref(q, k_cache, v_cache, md.block_tables, md.context_lens, scale)
 
 
-class TritonBackend(TorchBackend):
+class TritonBackend(TritonKVQuantOps, TorchBackend):
     """The fast path: one Triton launch per op, no host sync (CUDA graphs can capture it)."""
     name = "triton"
 
