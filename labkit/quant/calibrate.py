@@ -87,8 +87,10 @@ def calibrate(model, work_dir, calib_samples: int = 128, calib_seqlen: int = 204
     for i, layer in enumerate(tqdm(net.layers, desc=f"calibrate {len(samples)} x {calib_seqlen}",
                                    disable=not progress)):
         k_stats, v_stats = RunningStats(), RunningStats()
-        hooks = [layer.attention.attn.register_forward_pre_hook(
-            lambda m, args: (k_stats.update(args[1], 2), v_stats.update(args[2], 2)))]  # (Hkv, D)
+        def kv_hook(module, args):                                        # args: q, k, v, md
+            k_stats.update(args[1], 2)                                    # per (Hkv, D)
+            v_stats.update(args[2], 2)
+        hooks = [layer.attention.attn.register_forward_pre_hook(kv_hook)]
         for name, mod in layer.named_modules():
             if isinstance(mod, Linear):
                 st = inputs.setdefault(f"layers.{i}.{name}", RunningStats())
