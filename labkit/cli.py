@@ -154,11 +154,35 @@ def register_serve(sub) -> None:
         "on a model loaded here.", _lazy("labkit.serve.gradio_app", "main")))
 
 
+# `labkit lite STEP`: one module per quantization lesson, each with `register(lite_sub)`
+LITE_MODULES = ("labkit.quant.cli_kv",      # calibrate, kv_qparams (KV-cache int8/int4, lesson 08)
+                "labkit.quant.cli_awq")     # auto_awq (W4A16, lesson 09)
+
+
+def register_lite(sub) -> None:
+    import importlib.util
+    p = _command(sub, "lite", "Quantization, the lesson's offline flow: calibrate -> kv_qparams "
+                 "(KV cache) or auto_awq (weights).", None)
+    lsub = p.add_subparsers(title="steps", metavar="STEP", required=True)
+    for module in LITE_MODULES:
+        if importlib.util.find_spec(module) is not None:   # (a lesson's module may be absent)
+            importlib.import_module(module).register(lsub)
+
+
+def register_eval(sub) -> None:
+    p = _command(sub, "eval", "Quality measurements: print a table; --json adds one JSON object "
+                 "on the last line.", None)
+    esub = p.add_subparsers(title="evaluations", metavar="EVAL", required=True)
+    from labkit.eval import add_ppl_args
+    add_ppl_args(_command(esub, "ppl", "Perplexity through the engine's paged path (prefill in "
+                          "chunks over the paged KV cache, quantized with --quant-policy 4/8).",
+                          _lazy("labkit.eval", "main")))
+
+
 REGISTRARS = [register_check_env, register_convert, register_inspect, register_chat, register_bench,
-              register_serve]
+              register_serve, register_lite, register_eval]
 # Coming with later lessons, each as a register_* function above and one entry here:
-#   lite  -> _lazy("labkit.quant.cli", "main")
-#   eval  -> _lazy("labkit.eval", "main")            grade -> _lazy("labkit.grading.cli", "main")
+#   grade -> _lazy("labkit.grading.cli", "main")
 
 
 def _run_convert(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from labkit.config import ConfigError, EngineConfig, GenerationConfig
 from labkit.engine.block_manager import BlockManager
-from labkit.engine.kv_cache import bytes_per_token, plan_kv_cache
+from labkit.engine.kv_cache import plan_kv_cache
 from labkit.engine.model_runner import ModelRunner
 from labkit.engine.sampler import make_generator
 from labkit.engine.scheduler import Scheduler
@@ -70,9 +70,6 @@ class LLMEngine:
         if ec.tp != 1:
             raise ConfigError(f"tp={ec.tp} is not allowed in LLMEngine yet: tensor-parallel "
                               f"serving comes with the TP lesson (04); use tp=1")
-        if ec.quant_policy != 0:
-            raise ConfigError(f"quant_policy={ec.quant_policy} is not allowed yet: KV-cache "
-                              f"quantization comes with lesson 08; use quant_policy=0")
         if ec.rope_scaling_factor not in (0, 1) or ec.use_logn_attn:
             raise ConfigError(f"rope_scaling_factor={ec.rope_scaling_factor}, use_logn_attn="
                               f"{int(bool(ec.use_logn_attn))} are not allowed yet: dynamic NTK and "
@@ -83,7 +80,7 @@ class LLMEngine:
             model, dtype=self.dtype, device=self.device,
             max_positions=max(ec.session_len, cfg.max_position_embeddings))
         self.load_seconds = time.perf_counter() - t0
-        self.kv_plan = plan_kv_cache(cfg, ec, self.device, self.dtype)
+        self.kv_plan = plan_kv_cache(cfg, ec, self.device, self.dtype, workspace=info.workspace)
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
                  self.kv_plan.num_blocks, self.kv_plan.block_size, self.kv_plan.num_tokens,
                  self.kv_plan.total_bytes / 2**20, self.kv_plan.how)
@@ -207,7 +204,7 @@ class LLMEngine:
                 "blocks_free": bm.num_free, "blocks_cached": bm.num_cached,
                 "block_size": plan.block_size, "tokens_total": plan.num_tokens,
                 "bytes_total": plan.total_bytes,
-                "kv_bytes_per_token": bytes_per_token(self.model_config, self.config.tp, self.dtype),
+                **plan.stats(),                            # kv_bytes_per_token (scales counted), ...
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "prefix_cache_queries": bm.stats.prefix_cache_queries,
                 "prefix_cache_hits": bm.stats.prefix_cache_hits,

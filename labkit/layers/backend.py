@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import kernels as K
+from kernels.kv_quant import store_kv_quant_ref
+from kernels.paged_decode_quant import paged_decode_quant_ref
+from kernels.paged_prefill_quant import paged_prefill_quant_ref
+from labkit.layers.backend_quant import TritonKVQuantOps
 
 
 class TorchBackend:
@@ -43,8 +47,19 @@ class TorchBackend:
     def decode(self, q, k_cache, v_cache, md, scale):
         return K.paged_decode_ref(q, k_cache, v_cache, md.block_tables, md.context_lens, scale)
 
+    # int8/int4 KV cache (quant_policy 8/4): k_cache, v_cache are kernels.kv_quant.QuantKVCache
+    def store_kv_quant(self, k, v, k_cache, v_cache, slot_mapping):
+        store_kv_quant_ref(k, v, k_cache, v_cache, slot_mapping)
 
-class TritonBackend(TorchBackend):
+    def prefill_quant(self, q, k_cache, v_cache, md, scale):
+        return paged_prefill_quant_ref(q, k_cache, v_cache, md.block_tables, md.cu_seqlens_q,
+                                       md.context_lens, scale)
+
+    def decode_quant(self, q, k_cache, v_cache, md, scale):
+        return paged_decode_quant_ref(q, k_cache, v_cache, md.block_tables, md.context_lens, scale)
+
+
+class TritonBackend(TritonKVQuantOps, TorchBackend):
     """The fast path: one Triton launch per op, no host sync (CUDA graphs can capture it)."""
     name = "triton"
 
