@@ -3,6 +3,7 @@
     labkit check_env                                  what is installed, is the bundled model there
     labkit convert MODEL --dst-path ./workspace       offline conversion into a TurboMind workspace
     labkit inspect WORKSPACE_OR_MODEL [--tensors]     read (and validate) a workspace's config.ini
+    labkit lite auto_awq MODEL --work-dir DIR         4-bit AWQ weights (then convert --model-format awq)
 
 Conventions
 - Every flag has its kebab-case and its snake_case spelling (`--dst-path` / `--dst_path`),
@@ -84,7 +85,8 @@ def register_convert(sub) -> None:
     _flag(p, "--tp", type=int, default=1,
           help="tensor-parallel ranks to shard for; must divide heads, KV heads, MLP and vocab")
     _flag(p, "--model-format", choices=["hf", "gguf", "awq"], default=None,
-          help="source format (default: detected; awq comes with the W4A16 lesson)")
+          help="source format (default: detected; awq: a folder made by `labkit lite auto_awq`, "
+               "stored as an int4 workspace)")
     _flag(p, "--model-name", default=None, help="chat template name recorded in config.ini")
     _flag(p, "--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
           help="stored weight dtype (auto: the source's; GGUF dequantizes to fp32)")
@@ -122,9 +124,31 @@ def register_bench(sub) -> None:
     add_throughput_args(t)
 
 
-REGISTRARS = [register_check_env, register_convert, register_inspect, register_chat, register_bench]
+# `lite` (quantization) is a group; each module below adds its subcommands through its
+# `register(lite_sub, command, flag)` (command/flag: _command/_flag above). A module that is
+# not there (yet) is skipped.
+LITE_MODULES = ("labkit.quant.cli_awq",      # auto_awq
+                "labkit.quant.cli_kv")       # calibrate, kv_qparams
+
+
+def register_lite(sub) -> None:
+    p = _command(sub, "lite", "Quantization (like `lmdeploy lite`): 4-bit weights with AWQ, "
+                 "KV-cache calibration.", None)
+    lite_sub = p.add_subparsers(title="quantization", metavar="TOOL", required=True)
+    for name in LITE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(lite_sub, _command, _flag)
+
+
+REGISTRARS = [register_check_env, register_convert, register_inspect, register_chat, register_bench,
+              register_lite]
 # Coming with later lessons, each as a register_* function above and one entry here:
-#   serve -> _lazy("labkit.serve.cli", "main")       lite  -> _lazy("labkit.quant.cli", "main")
+#   serve -> _lazy("labkit.serve.cli", "main")
 #   eval  -> _lazy("labkit.eval", "main")            grade -> _lazy("labkit.grading.cli", "main")
 
 
