@@ -3,6 +3,7 @@
     labkit check_env                                  what is installed, is the bundled model there
     labkit convert MODEL --dst-path ./workspace       offline conversion into a TurboMind workspace
     labkit inspect WORKSPACE_OR_MODEL [--tensors]     read (and validate) a workspace's config.ini
+    labkit lite auto_awq MODEL --work-dir DIR         4-bit AWQ weights (then convert --model-format awq)
 
 Conventions
 - Every flag has its kebab-case and its snake_case spelling (`--dst-path` / `--dst_path`),
@@ -84,7 +85,8 @@ def register_convert(sub) -> None:
     _flag(p, "--tp", type=int, default=1,
           help="tensor-parallel ranks to shard for; must divide heads, KV heads, MLP and vocab")
     _flag(p, "--model-format", choices=["hf", "gguf", "awq"], default=None,
-          help="source format (default: detected; awq comes with the W4A16 lesson)")
+          help="source format (default: detected; awq: a folder made by `labkit lite auto_awq`, "
+               "stored as an int4 workspace)")
     _flag(p, "--model-name", default=None, help="chat template name recorded in config.ini")
     _flag(p, "--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
           help="stored weight dtype (auto: the source's; GGUF dequantizes to fp32)")
@@ -156,7 +158,7 @@ def register_serve(sub) -> None:
 
 # `labkit lite STEP`: one module per quantization lesson, each with `register(lite_sub)`
 LITE_MODULES = ("labkit.quant.cli_kv",      # calibrate, kv_qparams (KV-cache int8/int4, lesson 08)
-                "labkit.quant.cli_awq")     # auto_awq (W4A16, lesson 09)
+                "labkit.quant.cli_awq")     # auto_awq (W4A16, lesson 10)
 
 
 def register_lite(sub) -> None:
@@ -166,7 +168,11 @@ def register_lite(sub) -> None:
     lsub = p.add_subparsers(title="steps", metavar="STEP", required=True)
     for module in LITE_MODULES:
         if importlib.util.find_spec(module) is not None:   # (a lesson's module may be absent)
-            importlib.import_module(module).register(lsub)
+            register = importlib.import_module(module).register
+            if register.__code__.co_argcount == 3:         # register(lite_sub, command, flag)
+                register(lsub, _command, _flag)
+            else:                                          # register(lite_sub)
+                register(lsub)
 
 
 def register_eval(sub) -> None:
