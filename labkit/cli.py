@@ -3,6 +3,7 @@
     labkit check_env                                  what is installed, is the bundled model there
     labkit convert MODEL --dst-path ./workspace       offline conversion into a TurboMind workspace
     labkit inspect WORKSPACE_OR_MODEL [--tensors]     read (and validate) a workspace's config.ini
+    labkit grade [--submission DIR] [--gradescope]    grade homework, write results.json
 
 Conventions
 - Every flag has its kebab-case and its snake_case spelling (`--dst-path` / `--dst_path`),
@@ -130,10 +131,19 @@ def register_bench(sub) -> None:
     add_kernels_args(k)
 
 
-REGISTRARS = [register_check_env, register_convert, register_inspect, register_chat, register_bench]
+def register_grade(sub) -> None:
+    p = _command(sub, "grade", "Grade a homework submission with the graded tests (tests/homework): "
+                 "a score table and Gradescope's results.json; or build the Gradescope autograder.",
+                 _lazy("labkit.grading.cli", "main"))
+    from labkit.grading.cli import add_grade_args
+    add_grade_args(p, _flag)
+
+
+REGISTRARS = [register_check_env, register_convert, register_inspect, register_chat, register_bench,
+              register_grade]
 # Coming with later lessons, each as a register_* function above and one entry here:
 #   serve -> _lazy("labkit.serve.cli", "main")       lite  -> _lazy("labkit.quant.cli", "main")
-#   eval  -> _lazy("labkit.eval", "main")            grade -> _lazy("labkit.grading.cli", "main")
+#   eval  -> _lazy("labkit.eval", "main")
 
 
 def _run_convert(args: argparse.Namespace) -> int:
