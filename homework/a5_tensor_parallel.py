@@ -24,8 +24,8 @@ Check locally: `labkit grade -k a5`.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+import torch.distributed as dist  # noqa: F401  (you will need these)
+import torch.nn.functional as F  # noqa: F401
 
 
 def shard_column(w: torch.Tensor, b: torch.Tensor | None, rank: int, world: int):

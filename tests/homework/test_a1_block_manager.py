@@ -246,7 +246,7 @@ def test_hash_collision_is_not_a_hit(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- the engine
-@pytest.mark.points(3, assign="1")
+@pytest.mark.points(3, assign="1.1-1.4")
 def test_engine_with_student_block_manager():
     """the real engine with your BlockManager: same tokens, prefix hits and preemptions"""
     rng = random.Random()
