@@ -15,9 +15,26 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "homework")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "homework")]    # reference_submission.py
 
 import torch  # noqa: E402
+
+
+def random_case(rng, B, Hq, Hkv, D, bs, max_len, dtype):
+    """Ragged lengths (one 0, one 1), blocks scattered over the pool, random values everywhere
+    (the same recipe as tests/homework/test_a2_paged_decode.py, without pytest)."""
+    lens = [rng.randint(1, max_len) for _ in range(B)]
+    lens[0], lens[-1] = 0, 1
+    need = [-(-n // bs) for n in lens]
+    ids = list(range(sum(need) + 3))
+    rng.shuffle(ids)
+    tables = torch.full((B, max(need) + 1), -1, dtype=torch.int32)
+    for b, n in enumerate(need):
+        tables[b, :n] = torch.tensor([ids.pop() for _ in range(n)], dtype=torch.int32)
+    nb = sum(need) + 3
+    kc, vc = (torch.randn(nb, bs, Hkv, D).to(dtype) for _ in range(2))
+    return (torch.randn(B, Hq, D).to(dtype), kc, vc, tables,
+            torch.tensor(lens, dtype=torch.int32), D ** -0.5)
 
 
 def main() -> int:
@@ -27,7 +44,6 @@ def main() -> int:
     os.environ["LABKIT_SUBMISSION"] = str(key)
     from kernels.paged_decode import paged_decode_ref
     from labkit.grading.submission import load
-    from test_a2_paged_decode import random_case
     kernel = load("a2_paged_decode").paged_decode_triton
     rows, ok = [], True
     rng = random.Random(0)
