@@ -4,6 +4,7 @@
     labkit convert MODEL --dst-path ./workspace       offline conversion into a TurboMind workspace
     labkit inspect WORKSPACE_OR_MODEL [--tensors]     read (and validate) a workspace's config.ini
     labkit lite auto_awq MODEL --work-dir DIR         4-bit AWQ weights (then convert --model-format awq)
+    labkit grade [--submission DIR] [--gradescope]    grade homework, write results.json
 
 Conventions
 - Every flag has its kebab-case and its snake_case spelling (`--dst-path` / `--dst_path`),
@@ -185,10 +186,16 @@ def register_eval(sub) -> None:
                           _lazy("labkit.eval", "main")))
 
 
+def register_grade(sub) -> None:
+    p = _command(sub, "grade", "Grade a homework submission with the graded tests (tests/homework): "
+                 "a score table and Gradescope's results.json; or build the Gradescope autograder.",
+                 _lazy("labkit.grading.cli", "main"))
+    from labkit.grading.cli import add_grade_args
+    add_grade_args(p, _flag)
+
+
 REGISTRARS = [register_check_env, register_convert, register_inspect, register_chat, register_bench,
-              register_serve, register_lite, register_eval]
-# Coming with later lessons, each as a register_* function above and one entry here:
-#   grade -> _lazy("labkit.grading.cli", "main")
+              register_serve, register_lite, register_eval, register_grade]
 
 
 def _run_convert(args: argparse.Namespace) -> int:
