@@ -74,7 +74,7 @@ def auto_awq(model, work_dir, *, w_bits: int = 4, w_group_size: int | None = Non
     if info.source is not None and detect_format(info.source) == "hf":
         source_cfg = json.loads((info.source / "config.json").read_text())
     config = hf_config_for(cfg, source_cfg)
-    config.update(torch_dtype="float16", quantization_config=quantization_config(group, w_sym))
+    config.update(torch_dtype="float16", dtype="float16", quantization_config=quantization_config(group, w_sym))
     record = {"method": method, "w_bits": 4, "group_size": group, "sym": w_sym,
               "search_scale": search_scale, "source": str(model),
               "calib_tokens": None if calib is None else list(calib.shape),
