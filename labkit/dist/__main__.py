@@ -26,8 +26,7 @@ def main(argv=None) -> int:
     from labkit.dist import ranks
     if ranks.launched_by_torchrun():
         import torch.distributed as dist
-        rank, world = ranks.init_from_env()
-        ranks.rank_device(dist.get_backend(), ranks.local_rank())
+        rank, world, _ = ranks.init_from_env()
         result, backend = run(rank, world, seed, args.largest), dist.get_backend()
         dist.destroy_process_group()
         if rank != 0:

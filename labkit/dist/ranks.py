@@ -64,23 +64,27 @@ def cpu_threads_per_rank(ranks_here: int) -> int:
 
 
 def init_from_env(backend: str | None = None,
-                  timeout: datetime.timedelta = datetime.timedelta(seconds=60)) -> tuple[int, int]:
-    """Join the group torchrun described in the environment; returns (rank, world_size)."""
+                  timeout: datetime.timedelta = datetime.timedelta(seconds=60)):
+    """Join the group torchrun described in the environment; returns (rank, world, device)."""
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         set_nccl_env()
+    device = rank_device(backend, local_rank())          # before NCCL starts: one GPU per rank
     dist.init_process_group(backend, init_method="env://", timeout=timeout)
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def join_store(port: int, rank: int, world_size: int, backend: str,
-               timeout: datetime.timedelta) -> None:
-    """Join a group whose TCPStore runs on this machine at `port` (spawned ranks)."""
+               timeout: datetime.timedelta) -> torch.device:
+    """Join a group whose TCPStore runs on this machine at `port` (spawned ranks, one GPU
+    each with NCCL: cuda:rank). Returns the rank's device."""
     if backend == "nccl":
         set_nccl_env()
+    device = rank_device(backend, rank)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=STORE_TIMEOUT)
     store.set(f"up/{rank}", "1")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    return device
 
 
 def host_store() -> dist.TCPStore:
@@ -92,11 +96,9 @@ def host_store() -> dist.TCPStore:
 # ---------------------------------------------------------------------------- run_ranks
 def _rank_main(fn, rank: int, world_size: int, port: int, backend: str, args, results) -> None:
     try:
-        join_store(port, rank, world_size, backend, datetime.timedelta(seconds=120))
         if backend == "gloo":
             torch.set_num_threads(cpu_threads_per_rank(world_size))
-        else:
-            rank_device(backend, rank)
+        join_store(port, rank, world_size, backend, datetime.timedelta(seconds=120))
         out = fn(rank, world_size, *args)
         results.put((rank, True, out))
         dist.destroy_process_group()

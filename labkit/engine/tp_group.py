@@ -95,9 +95,9 @@ class TPGroup:
         group = None
         try:
             _wait_until_up(store, procs)
+            device = ranks.rank_device(backend, 0)
             dist.init_process_group(backend, store=store, rank=0, world_size=tp,
                                     timeout=tp_worker.STEP_TIMEOUT)
-            device = ranks.rank_device(backend, 0)
             group = cls(tp, device, tp_worker.new_control_group(), procs)
             if backend == "gloo":
                 torch.set_num_threads(threads)

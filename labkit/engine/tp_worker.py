@@ -138,9 +138,8 @@ def spawn_main(rank: int, tp: int, port: int, backend: str, parent_pid: int, thr
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is rank 0's to handle: it stops us
     _exit_with_parent(parent_pid)
     torch.set_num_threads(threads)
-    ranks.join_store(port, rank, tp, backend, STEP_TIMEOUT)
+    device = ranks.join_store(port, rank, tp, backend, STEP_TIMEOUT)
     ctrl = new_control_group()
-    device = ranks.rank_device(backend, rank)
     try:
         serve(rank, tp, device, ctrl, exit_on_stop=True)
     except RuntimeError as e:           # rank 0 went away mid-message: nothing left to serve
@@ -157,9 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         print("labkit.engine.tp_worker runs under torchrun, e.g.\n  torchrun --nproc-per-node 3 "
               "-m labkit.engine.tp_worker chat smollm2-135m --tp 3", file=sys.stderr)
         return 2
-    rank, world = ranks.init_from_env(timeout=STEP_TIMEOUT)
+    rank, world, device = ranks.init_from_env(timeout=STEP_TIMEOUT)
     ctrl = new_control_group()
-    device = ranks.rank_device(dist.get_backend(), ranks.local_rank())
     if dist.get_backend() == "gloo":
         torch.set_num_threads(ranks.cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if rank != 0:
