@@ -206,34 +206,24 @@ def test_chat_tp2_stopped_by_signal_leaves_no_process(tiny_llama_dir, how):
             proc.kill()
 
 
-def test_chat_cli_tp2_equals_tp1(tiny_llama_dir, labkit_run):
-    text = "Hi\nWhat is 2+2?\n"
-    outs = []
-    for tp in ("1", "2"):
-        r = subprocess.run(labkit_cmd("chat", tiny_llama_dir, "--tp", tp, "--max-new-tokens", "10",
-                                      "--session-len", "256", "--cache-max-entry-count", "64"),
-                           input=text, capture_output=True, text=True, timeout=300, cwd=REPO, env=_env())
-        assert r.returncode == 0, r.stderr
-        outs.append(r.stdout)
-    assert outs[0] == outs[1] and outs[0].count(">>>") == 2
-
-
-def test_torchrun_launch_equals_tp1(tiny_llama_dir):
+def test_chat_tp2_spawned_and_under_torchrun_equal_tp1(tiny_llama_dir):
+    """`labkit chat --tp 2` (ranks spawned) and the same command under torchrun (2 CPU
+    processes, gloo, c10d rendezvous) print exactly what `labkit chat` at tp=1 prints."""
     from labkit.dist.ranks import host_store
-    port = host_store().port            # a free port (this store is dropped at once)
     text = "Hi\nName a colour.\n"
     common = ["chat", str(tiny_llama_dir), "--max-new-tokens", "10", "--session-len", "256",
               "--cache-max-entry-count", "64"]
+    port = host_store().port            # a free port (this store is dropped at once)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
                 "-m", "labkit.engine.tp_worker", *common, "--tp", "2"]
-    r2 = subprocess.run(torchrun, input=text, capture_output=True, text=True, timeout=300,
-                        cwd=REPO, env=_env())
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    r1 = subprocess.run(labkit_cmd(*common), input=text, capture_output=True, text=True,
-                        timeout=300, cwd=REPO, env=_env())
-    assert r1.returncode == 0, r1.stderr
-    assert r2.stdout == r1.stdout and r1.stdout.count(">>>") == 2
+    outs = []
+    for cmd in (labkit_cmd(*common), labkit_cmd(*common, "--tp", "2"), torchrun):
+        r = subprocess.run(cmd, input=text, capture_output=True, text=True, timeout=300,
+                           cwd=REPO, env=_env())
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(r.stdout)
+    assert outs[0].count(">>>") == 2 and outs[1] == outs[0] and outs[2] == outs[0]
 
 
 def test_bench_throughput_tp2(tiny_llama_dir):

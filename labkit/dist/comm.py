@@ -134,3 +134,13 @@ def time_all_reduce(rank: int, world: int, sizes: list[int], iters: int = 20,
         rows.append({"bytes": size, "seconds": sec, "algbw_GBs": algbw / 1e9,
                      "busbw_GBs": algbw * 2 * (world - 1) / world / 1e9})
     return rows
+
+
+def fit_latency_bandwidth(rows: list[dict]) -> tuple[float, float]:
+    """Least-squares fit of t(n) = alpha + n / beta to `time_all_reduce` rows: the latency
+    alpha (seconds) every message pays, and the bandwidth beta (bytes/s) large ones approach."""
+    import numpy as np
+    n = np.array([r["bytes"] for r in rows], dtype=np.float64)
+    t = np.array([r["seconds"] for r in rows], dtype=np.float64)
+    slope, alpha = np.polyfit(n, t, 1)
+    return max(alpha, 0.0), 1.0 / slope if slope > 0 else float("inf")

@@ -1,14 +1,19 @@
 """The checks and timings `python -m labkit.dist` and notebook 04 run on every rank."""
 from __future__ import annotations
 
+import os
+
+import torch.distributed as dist
+
 from labkit.dist.comm import message_sizes, time_all_reduce
 from labkit.dist.parallel_linear import check_patterns
 
 
-def run(rank: int, world: int, seed: int, largest: int) -> dict:
-    """On one rank: the four patterns against the unsplit layer, then all-reduce timing."""
-    return {"patterns": check_patterns(rank, world, seed),
-            "all_reduce": time_all_reduce(rank, world, message_sizes(largest=largest))}
+def run(rank: int, world: int, seed: int, largest: int, iters: int = 20) -> dict:
+    """On one rank: who it is, the four patterns against the unsplit layer, all-reduce timing."""
+    return {"rank": rank, "world_size": world, "backend": dist.get_backend(), "pid": os.getpid(),
+            "patterns": check_patterns(rank, world, seed),
+            "all_reduce": time_all_reduce(rank, world, message_sizes(largest=largest), iters)}
 
 
 def report(r: dict, world: int, backend: str) -> None:

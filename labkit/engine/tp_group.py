@@ -69,8 +69,12 @@ class TPGroup:
         _active = group
         setup = {"model": str(model), "ec": ec, "dtype": str(dtype).replace("torch.", ""),
                  "max_positions": max_positions}
-        group._send(SETUP)
-        dist.broadcast_object_list([setup], src=0, group=group.ctrl)
+        try:
+            group._send(SETUP)
+            dist.broadcast_object_list([setup], src=0, group=group.ctrl)
+        except BaseException:
+            group.close()
+            raise
         return group
 
     @classmethod
