@@ -23,6 +23,7 @@ building the ModelRunner (CUDA graphs captured). A rank that failed makes every 
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import signal
@@ -83,7 +84,6 @@ def build(setup: dict, rank: int, tp: int, device: torch.device, ctrl):
     statuses = exchange(status, ctrl)
     if first_error(statuses):
         return None
-    import dataclasses
     plan = dataclasses.replace(plan, num_blocks=min(s["num_blocks"] for s in statuses))
     try:
         runner, status = ModelRunner(model, model.cfg, ec, plan, device, dtype), {"ready": 1}
