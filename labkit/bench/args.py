@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from labkit.engine_args import flag
 
-MODEL_SHAPES = ("llama-2-7b", "llama-3-8b", "smollm2-135m")   # labkit.models.dummy.MODEL_SHAPES
+MODEL_SHAPES = ("llama-2-7b", "llama-3-8b", "llama-3.2-1b", "smollm2-135m")   # labkit.models.dummy.MODEL_SHAPES
 
 
 def add_model_args(p, default_model: str = "smollm2-135m") -> None:

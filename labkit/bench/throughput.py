@@ -65,20 +65,28 @@ RECIPES = {
 
 
 def throughput(args) -> dict:
-    import torch
-
-    from labkit.bench.models import hf_model, model_source
-    from labkit.bench.roofline import copy_bandwidth, workload_roofline_seconds
+    from labkit.bench.models import model_source
     from labkit.config import EngineConfig
     from labkit.engine.engine import LLMEngine
-    from labkit.models.dummy import fold_ids
     for k, v in RECIPES.get(args.recipe, {}).items():
         setattr(args, k, v)
     model = model_source(args)
     ec = EngineConfig(max_batch_size=args.max_batch_size, session_len=args.session_len,
                       cache_max_entry_count=args.cache_max_entry_count, device=args.device,
-                      dtype=args.dtype)
+                      dtype=args.dtype, tp=args.tp)
     engine = LLMEngine(model, ec)
+    try:
+        return _measure(args, model, engine)
+    finally:
+        engine.close()                     # tp > 1: stop the other ranks' processes
+
+
+def _measure(args, model, engine) -> dict:
+    import torch
+
+    from labkit.bench.models import hf_model
+    from labkit.bench.roofline import copy_bandwidth, workload_roofline_seconds
+    from labkit.models.dummy import fold_ids
     vocab = engine.model_config.vocab_size
     reqs = make_workload(engine.tokenizer, args.num_requests, args.input_len, args.output_len, args.seed)
     reqs = [Request(fold_ids(r.prompt_ids, vocab), r.output_len) for r in reqs]
@@ -99,7 +107,7 @@ def throughput(args) -> dict:
               "date": time.strftime("%Y-%m-%d"), "device": device_name(engine.device),
               "dtype": str(engine.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
               "repeats": args.repeats, "copy_bandwidth_GBs": bw / 1e9, "roofline_seconds": roof,
-              "cuda_graphs": engine.runner.graphs is not None,
+              "cuda_graphs": engine.runner.graphs is not None, "tp": engine.config.tp,
               "workload": {"num_requests": args.num_requests, "input_len": list(args.input_len),
                            "output_len": list(args.output_len), "seed": args.seed,
                            "max_batch_size": args.max_batch_size, "ignore_eos": True}}
@@ -156,6 +164,7 @@ def add_throughput_args(t) -> None:
     flag(t, "num_requests", type=int, default=32)
     flag(t, "input_len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
     flag(t, "output_len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
+    flag(t, "tp", type=int, default=1, help="tensor-parallel ranks (processes; GPUs on CUDA)")
     flag(t, "max_batch_size", type=int, default=64)   # config.ini's default
     flag(t, "session_len", type=int, default=1024)
     flag(t, "cache_max_entry_count", type=float, default=0.8)

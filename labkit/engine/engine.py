@@ -59,7 +59,6 @@ def resolve_device(ec: EngineConfig) -> tuple[torch.device, torch.dtype]:
 class LLMEngine:
     def __init__(self, model, engine_config: EngineConfig | None = None):
         from labkit.convert import inspect_model
-        from labkit.models.llama import LlamaForCausalLM
         from labkit.tokenizer import Tokenizer
         from labkit.workspace_ini import resolve_engine_config
 
@@ -67,27 +66,18 @@ class LLMEngine:
         self.model_config = cfg = info.config
         self.config, self.config_notes = resolve_engine_config(engine_config, info.inference, cfg)
         ec = self.config
-        if ec.tp != 1:
-            raise ConfigError(f"tp={ec.tp} is not allowed in LLMEngine yet: tensor-parallel "
-                              f"serving comes with the TP lesson (04); use tp=1")
+        cfg.check_tp(ec.tp)               # a clear error before any rank's process starts
         if ec.rope_scaling_factor not in (0, 1) or ec.use_logn_attn:
             raise ConfigError(f"rope_scaling_factor={ec.rope_scaling_factor}, use_logn_attn="
                               f"{int(bool(ec.use_logn_attn))} are not allowed yet: dynamic NTK and "
                               f"logn attention come with lesson 07; use 0 and 0")
         self.device, self.dtype = resolve_device(ec)
-        t0 = time.perf_counter()
-        self.model = LlamaForCausalLM.from_pretrained(
-            model, dtype=self.dtype, device=self.device,
-            max_positions=max(ec.session_len, cfg.max_position_embeddings))
-        self.load_seconds = time.perf_counter() - t0
-        self.kv_plan = plan_kv_cache(cfg, ec, self.device, self.dtype, workspace=info.workspace)
-        log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
-                 self.kv_plan.num_blocks, self.kv_plan.block_size, self.kv_plan.num_tokens,
-                 self.kv_plan.total_bytes / 2**20, self.kv_plan.how)
-        self.block_manager = BlockManager(self.kv_plan.num_blocks, ec.cache_block_seq_len,
-                                          ec.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, ec.max_batch_size, ec.max_prefill_token_num)
-        self.runner = ModelRunner(self.model, cfg, ec, self.kv_plan, self.device, self.dtype)
+        self.tp_group = None
+        try:
+            self._load(model, cfg, ec, info.workspace)
+        except BaseException:             # stop the other ranks we may have started
+            self.close()
+            raise
         self.tokenizer = Tokenizer(info.tokenizer_dir, ec.model_name or cfg.model_name)
         self.seqs: dict[str, Sequence] = {}
         self.stoppers: dict[str, StopChecker] = {}
@@ -96,6 +86,39 @@ class LLMEngine:
         self.num_steps = 0
         self.host_seconds = 0.0           # schedule + postprocess time, summed over steps
         self.last_batch = None
+
+    def _load(self, model, cfg, ec: EngineConfig, workspace) -> None:
+        """Weights, KV cache, scheduler, runner. At tp > 1 ranks 1..tp-1 (their own processes,
+        labkit/engine/tp_group.py) load their shards and build their runners alongside."""
+        from labkit.engine import tp_group
+        from labkit.models.llama import LlamaForCausalLM
+        max_positions = max(ec.session_len, cfg.max_position_embeddings)
+        self.tp_group = tp_group.start(model, ec, self.device, self.dtype, max_positions,
+                                        workspace)
+        if self.tp_group is not None:
+            self.device = self.tp_group.device
+        t0 = time.perf_counter()
+        self.model = LlamaForCausalLM.from_pretrained(
+            model, rank=0, tp=ec.tp, dtype=self.dtype, device=self.device,
+            max_positions=max_positions)
+        self.load_seconds = time.perf_counter() - t0
+        self.kv_plan = plan_kv_cache(cfg, ec, self.device, self.dtype, workspace=workspace)
+        if self.tp_group is not None:
+            self.kv_plan = self.tp_group.agree_kv_plan(self.kv_plan)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
+                 self.kv_plan.num_blocks, self.kv_plan.block_size, self.kv_plan.num_tokens,
+                 self.kv_plan.total_bytes / 2**20, self.kv_plan.how)
+        self.block_manager = BlockManager(self.kv_plan.num_blocks, ec.cache_block_seq_len,
+                                          ec.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, ec.max_batch_size, ec.max_prefill_token_num)
+        self.runner = ModelRunner(self.model, cfg, ec, self.kv_plan, self.device, self.dtype)
+        if self.tp_group is not None:
+            self.tp_group.attach(self.runner)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (nothing to do at tp=1); no step can run after."""
+        if self.tp_group is not None:
+            self.tp_group.close()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt, gen_config: GenerationConfig | None = None,

@@ -32,6 +32,13 @@ MODEL_SHAPES = {
                               head_dim=128, intermediate_size=11008, vocab_size=32000,
                               rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
                               model_name="smollm2"),
+    # meta-llama/Llama-3.2-1B (GQA 32/8, tied head; its llama3 RoPE scaling left out): small
+    # enough for fp32 tensor-parallel checks on GPUs, heads divisible by 2, 4, 8
+    "llama-3.2-1b": ModelConfig(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                                head_dim=64, intermediate_size=8192, vocab_size=128256,
+                                rms_norm_eps=1e-5, rope_theta=500000.0,
+                                max_position_embeddings=8192, tie_word_embeddings=True,
+                                model_name="smollm2"),
     # meta-llama/Meta-Llama-3-8B (GQA 32/8, 128k vocabulary)
     "llama-3-8b": ModelConfig(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                               head_dim=128, intermediate_size=14336, vocab_size=128256,

@@ -134,7 +134,10 @@ class LlamaForCausalLM(nn.Module):
         model = model.to_empty(device=device).to(dtype)
         model.rope.build(torch.device(device))     # not weights: float32 tables on the device
         load_weights(model, tensors)
-        return model.eval()
+        del tensors
+        if torch.device(device).type == "cuda":   # a rank's shard was copied out of full-size
+            torch.cuda.empty_cache()              # tensors: give their memory back before the
+        return model.eval()                       # KV cache is sized from what is free
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
