@@ -37,11 +37,11 @@ class LlamaCppPeer:
 def gguf_for(model) -> Path:
     """The .gguf file behind `model`: the alias, a .gguf path, or a workspace converted from
     the bundled model. An HF folder, another workspace or `dummy:...` has none."""
-    from labkit.convert import inspect_model
     from labkit.models import bundled
-    if str(model).startswith("dummy:"):
-        raise PeerUnavailable("llama.cpp needs a .gguf file; dummy weights have none")
+    from labkit.models.loader import inspect_model
     info = inspect_model(model)
+    if info.is_dummy:
+        raise PeerUnavailable("llama.cpp needs a .gguf file; dummy weights have none")
     src = info.source
     if src is None and info.config.model_name == bundled.BUNDLED_MODEL_NAME:
         src = bundled.bundled_gguf_path()          # a workspace of the bundled model
