@@ -197,7 +197,7 @@ def test_pipeline_serves_int4_workspace(awq_dir, awq_ws):
     gc = GenerationConfig(max_new_tokens=8, ignore_eos=True)
     for model in (awq_ws, awq_dir):
         pipe = pipeline(str(model), backend_config=EngineConfig(max_batch_size=2, session_len=256,
-                                                                cache_max_entry_count=16))
+                                                                cache_max_entry_count=16, dtype="float32"))
         try:
             prompt = pipe.tokenizer.prompt_to_ids("Hello there")
             got = pipe("Hello there", gen_config=gc).token_ids

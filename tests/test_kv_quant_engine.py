@@ -56,7 +56,8 @@ def test_eval_ppl_matches_hf_and_quantized_quality():
     ws = workspace()
     ids = token_chunks(hf_tokenizer()(pydoc_text())["input_ids"], 128, 2)    # (2, 128)
     ref = _hf_ppl(ids)
-    kw = dict(seqlen=128, chunks=2, batch=2, prefill_chunk=48)               # 3 pieces per sequence
+    kw = dict(seqlen=128, chunks=2, batch=2, prefill_chunk=48,               # 3 pieces per sequence
+              engine_config=EngineConfig(dtype="float32"))                   # the HF reference's dtype
     fp = perplexity(ws, 0, **kw)
     assert fp["tokens"] == 2 * 127
     assert fp["ppl"] == pytest.approx(ref, rel=1e-4)                         # the paged path is exact
@@ -122,7 +123,7 @@ def test_kv_qparams_static_int8_in_the_engine(tiny_stats, tmp_path):
     # the asymmetric range holds every calibration value: codes in range, zero an integer
     assert (want[..., 1] == want[..., 1].round()).all() and (want[..., 1] <= 255).all()
     e = LLMEngine(str(ws), EngineConfig(quant_policy=8, cache_max_entry_count=8, max_batch_size=2,
-                                        session_len=256))
+                                        session_len=256, dtype="float32"))
     assert e.stats()["kv_calibrated"]
     k0, v0 = e.runner.kv_cache[1]
     torch.testing.assert_close(k0.static, want[1, 0])
@@ -135,7 +136,8 @@ def test_kv_qparams_static_int8_in_the_engine(tiny_stats, tmp_path):
     assert written.shape[0] == n > 0
     assert torch.equal(written, want[1, 1, :, 0].half().float().expand(n, -1))
     # int4 does not use int8 parameters: it quantizes online
-    e4 = LLMEngine(str(ws), EngineConfig(quant_policy=4, cache_max_entry_count=8, session_len=256))
+    e4 = LLMEngine(str(ws), EngineConfig(quant_policy=4, cache_max_entry_count=8, session_len=256,
+                                         dtype="float32"))
     assert not e4.stats()["kv_calibrated"]
 
 

@@ -17,7 +17,7 @@ BS = 16
 @pytest.fixture(scope="module")
 def engine():
     return LLMEngine("tiny-llama", EngineConfig(session_len=512, cache_max_entry_count=64,
-                                                cache_block_seq_len=BS, max_batch_size=4))
+                                                cache_block_seq_len=BS, max_batch_size=4, dtype="float32"))
 
 
 def _words(rng, n):
@@ -67,7 +67,8 @@ def test_kept_kv_is_hit_and_gives_the_same_tokens(engine):
         assert second.num_prefix_hit_tokens == (len(stream) - 1) // BS * BS
         # the same ids on an engine without any cache give the same tokens
         fresh = LLMEngine("tiny-llama", EngineConfig(session_len=512, cache_max_entry_count=64,
-                                                     cache_block_seq_len=BS, enable_prefix_caching=False))
+                                                     cache_block_seq_len=BS, enable_prefix_caching=False,
+                                                     dtype="float32"))
         assert fresh.generate([nxt], gc)[0].token_ids == second.token_ids
         aeng.release(hold).result(timeout=30)
         assert hold.blocks == [] and aeng.stats()["blocks_used"] == 0
