@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import kernels as K
 from kernels.kv_quant import store_kv_quant_ref
+from kernels.paged_decode_batched import paged_decode_batched
 from kernels.paged_decode_quant import paged_decode_quant_ref
 from kernels.paged_prefill_quant import paged_prefill_quant_ref
 from labkit.layers.backend_quant import TritonKVQuantOps
@@ -45,7 +46,9 @@ class TorchBackend:
                                    md.context_lens, scale)
 
     def decode(self, q, k_cache, v_cache, md, scale):
-        return K.paged_decode_ref(q, k_cache, v_cache, md.block_tables, md.context_lens, scale)
+        # the whole batch in one attention call (kernels/paged_decode_batched.py); the
+        # per-sequence loop of K.paged_decode_ref costs most of a CPU step at batch > 1
+        return paged_decode_batched(q, k_cache, v_cache, md.block_tables, md.context_lens, scale)
 
     # int8/int4 KV cache (quant_policy 8/4): k_cache, v_cache are kernels.kv_quant.QuantKVCache
     def store_kv_quant(self, k, v, k_cache, v_cache, slot_mapping):
