@@ -55,7 +55,8 @@ course: install
 	    --ExecutePreprocessor.timeout=1800 --output-dir build notebooks/*.ipynb
 
 bench: install
-	$(VENV)/bin/labkit bench throughput --json
+	$(PIP) install -q -e ".[bench]"      # llama.cpp, the CPU peer (may build from source)
+	$(VENV)/bin/labkit bench throughput --peer hf --peer llamacpp --json
 
 clean:
 	rm -rf build $(WORKSPACE) .pytest_cache
