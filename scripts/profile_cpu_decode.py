@@ -51,6 +51,7 @@ def main():
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -58,6 +59,23 @@ def main():
                                           session_len=a.context + a.steps + 16,
                                           cache_max_entry_count=0.5, enable_prefix_caching=False))
     print(f"{eng.dtype} threads {torch.get_num_threads()}")
+    if a.compile:                      # attention's host sync splits each layer in two graphs
+        eager = [layer.forward for layer in eng.model.layers]
+        compiled = [torch.compile(f, dynamic=True) for f in eager]
+        for layer, f in zip(eng.model.layers, compiled):
+            layer.forward = f
+        t0 = time.perf_counter()
+        for b in a.batch:
+            decode_steps(eng, b, a.context, 2, False)
+        print(f"compile + first steps: {time.perf_counter() - t0:.1f} s")
+        for rnd in range(2):           # alternate eager and compiled: the machine is shared
+            for name, fns in (("eager", eager), ("compiled", compiled)):
+                for layer, f in zip(eng.model.layers, fns):
+                    layer.forward = f
+                for b in a.batch:
+                    dt, _ = decode_steps(eng, b, a.context, a.steps, False)
+                    print(f"{name:9s} batch {b:3d}: {dt * 1e3:7.2f} ms/step  {b / dt:8.1f} tok/s")
+        return
     for b in a.batch:
         decode_steps(eng, b, a.context, 4, False)   # warm-up at this batch size
         dt, p = decode_steps(eng, b, a.context, a.steps, not a.no_profile)
