@@ -53,3 +53,19 @@ def test_greedy_tokens_are_plausible_under_hf_fp32():
     # the run helper times the same thing the benchmark does
     r = llamacpp.run_llamacpp(peer, [Request(prompt, 4), Request(prompt[:5], 3)])
     assert r["output_tokens"] == 7 and r["output_tok_s"] > 0
+
+
+def test_bench_throughput_names_why_the_peer_was_skipped():
+    """A model without a .gguf (the tiny HF model): the run goes on, stderr and the JSON say why."""
+    import json
+    import subprocess
+    r = subprocess.run([sys.executable, "-m", "labkit", "bench", "throughput", "tiny-llama",
+                        "--peer", "llamacpp", "--num-requests", "3", "--input-len", "8", "16",
+                        "--output-len", "2", "4", "--max-batch-size", "2", "--batch1-output-len", "2",
+                        "--repeats", "1", "--json", "--log-level", "warning"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "llama.cpp peer skipped: llama.cpp needs a .gguf file" in r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "needs a .gguf file" in result["llamacpp_peer"]["skipped"]
+    assert "hf" not in result and "llamacpp" not in result and result["labkit"]["output_tokens"] > 0
