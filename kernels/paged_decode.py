@@ -130,6 +130,7 @@ def _reduce_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride
     base = (b * HQ + hq) * NUM_SPLITS
     lse = tl.load(part_lse_ptr + base + s, mask=s < NUM_SPLITS, other=float("-inf"))  # (SP,)
     m = tl.max(lse, 0)
+    m = tl.where(m > float("-inf"), m, 0.0)                      # every split empty: no inf - inf
     w = tl.where(lse > float("-inf"), tl.math.exp2(lse - m), 0.0)  # (SP,) weight of each split
     o = tl.load(part_out_ptr + (base + s)[:, None] * D + d[None, :],
                 mask=(s < NUM_SPLITS)[:, None] & (lse > float("-inf"))[:, None], other=0.0)  # (SP, D)
@@ -160,14 +161,16 @@ def decode_num_splits(batch: int, num_kv_heads: int, device: torch.device, max_s
 
 def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
                         num_splits: int | None = None, block_n: int | None = None,
-                        num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
-    """Same contract as `paged_decode_ref`; one launch (two with split-KV), no host sync."""
+                        num_warps: int = 4, num_stages: int = 2,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `paged_decode_ref`; one launch (two with split-KV), no host sync.
+    `out` (B, Hq, D), when given, receives the result (tests poison it first)."""
     require_triton()
     B, Hq, D = q.shape
     _, block_size, Hkv, Dc = k_cache.shape
     assert Dc == D and Hq % Hkv == 0 and D == triton.next_power_of_2(D)
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(-1) == 1
-    out = torch.empty_like(q)                                              # (B, Hq, D)
+    out = torch.empty_like(q) if out is None else out                      # (B, Hq, D)
     if B == 0:
         return out
     group = Hq // Hkv

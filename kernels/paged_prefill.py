@@ -61,6 +61,39 @@ def paged_prefill_ref(
 
 # ----------------------------------------------------------------------------- Triton
 @triton.jit
+def _prefill_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, tables_ptr, b, h, stride_tb, n0,
+                  kv_end, q_pos, qk_scale, BLOCK_SIZE: tl.constexpr, HKV: tl.constexpr,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """One KV tile of online softmax: keys n0 .. n0+BLOCK_N of sequence b, KV head h."""
+    d = tl.arange(0, D)
+    t = n0 + tl.arange(0, BLOCK_N)                               # (BN,) key positions
+    valid = t < kv_end
+    blk = tl.load(tables_ptr + b * stride_tb + t // BLOCK_SIZE, mask=valid, other=0)
+    row = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * (HKV * D) + h * D  # (BN,)
+    k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")       # (BM, BN)
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    if CAUSAL:                                                   # the tiles on the diagonal
+        see = valid[None, :] & (t[None, :] <= q_pos[:, None])    # (BM, BN)
+        qk = tl.where(see, qk * qk_scale, float("-inf"))
+    else:                                                        # below it: every key visible
+        qk = qk * qk_scale
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new > float("-inf"), m_new, 0.0)          # padded query rows see nothing
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, cu_ptr, lens_ptr, out_ptr,
     qk_scale, stride_qn, stride_qh, stride_tb, stride_on, stride_oh,
@@ -85,31 +118,18 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    kv_end = tl.minimum(ctx, prefix + (mt + 1) * BLOCK_M)        # causal: nothing past the tile
-    for n0 in range(0, kv_end, BLOCK_N):
-        t = n0 + tl.arange(0, BLOCK_N)                           # (BN,) key positions
-        valid = t < kv_end
-        blk = tl.load(tables_ptr + b * stride_tb + t // BLOCK_SIZE, mask=valid, other=0)
-        row = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * (HKV * D) + h * D  # (BN,)
-        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")   # (BM, BN)
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        see = valid[None, :] & (t[None, :] <= q_pos[:, None])    # (BM, BN) causal mask
-        qk = tl.where(see, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)      # padded query rows see nothing
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    # keys before the tile's first query position are visible to all its rows: no mask there;
+    # only the tiles from there to the tile's last position need the causal mask
+    kv_end = tl.minimum(ctx, prefix + (mt + 1) * BLOCK_M)
+    full_end = ((prefix + mt * BLOCK_M) // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, tables_ptr, b, h,
+                                      stride_tb, n0, kv_end, q_pos, qk_scale, BLOCK_SIZE, HKV, D,
+                                      BLOCK_N, False, IEEE)
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, tables_ptr, b, h,
+                                      stride_tb, n0, kv_end, q_pos, qk_scale, BLOCK_SIZE, HKV, D,
+                                      BLOCK_N, True, IEEE)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + i)[:, None] * stride_on + hq * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=(i < q_len)[:, None])
@@ -117,15 +137,17 @@ def _prefill_kernel(
 
 def paged_prefill_triton(q, k, v, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
                          scale, max_seqlen_q: int | None = None, block_m: int = 64,
-                         block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
-    """Same contract as `paged_prefill_ref` (k, v unused: they are in the cache already).
+                         block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `paged_prefill_ref` (k, v unused: they are in the cache already);
+    `out` (Nq, Hq, D), when given, receives the result (tests poison it first).
     `max_seqlen_q` (known to the caller, the scheduler) sizes the grid without a host sync."""
     require_triton()
     N, Hq, D = q.shape
     B = cu_seqlens_q.shape[0] - 1
     _, block_size, Hkv, _ = k_cache.shape
     assert Hq % Hkv == 0 and D == triton.next_power_of_2(D) and q.stride(-1) == 1
-    out = torch.empty_like(q)                                              # (N, Hq, D)
+    out = torch.empty_like(q) if out is None else out                      # (N, Hq, D)
     if N == 0 or B == 0:
         return out
     if max_seqlen_q is None:

@@ -20,8 +20,8 @@ import json
 import math
 import time
 
-import torch
-import torch.nn.functional as F
+# torch is imported inside the functions: `labkit --help` builds this command's parser
+# without loading torch (tests/test_serve_app.py checks it).
 
 
 def perplexity(model, quant_policy: int = 0, seqlen: int = 1024, chunks: int = 16,
@@ -70,9 +70,18 @@ def eval_engine_config(quant_policy: int, seqlen: int, batch: int, prefill_chunk
                                max_prefill_token_num=max(16, batch * prefill_chunk))
 
 
-@torch.inference_mode()
-def _score_group(engine, ids: torch.Tensor, prefill_chunk: int) -> float:
+def _score_group(engine, ids, prefill_chunk: int) -> float:
     """Summed NLL of ids (b, L) (every position but the first), prefilled piece by piece."""
+    import torch
+
+    with torch.inference_mode():
+        return _score_group_nograd(engine, ids, prefill_chunk)
+
+
+def _score_group_nograd(engine, ids, prefill_chunk: int) -> float:
+    import torch
+    import torch.nn.functional as F
+
     from labkit.layers.attention import AttentionMetadata
 
     b, L = ids.shape

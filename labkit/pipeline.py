@@ -127,11 +127,13 @@ class Pipeline:
         return self.engine.stats()
 
     def close(self) -> None:
+        """Free the KV cache and stop tensor-parallel ranks (tp > 1). Safe to call twice."""
         for rid in list(self.engine.seqs):
             self.engine.abort(rid)
         self.engine.runner.kv_cache.clear()
         for layer in self.engine.model.layers:
             layer.attention.attn.k_cache = layer.attention.attn.v_cache = None
+        self.engine.close()
 
     def __enter__(self):
         return self

@@ -57,51 +57,70 @@ def run_hf(model, reqs: list[Request], batch_size: int, pad_id: int, device) -> 
             "requests_s": len(reqs) / dt}
 
 
-def load_hf(model_path, dtype, device):
-    """HF transformers' own model on the same weights (from the source or a workspace)."""
-    from transformers import AutoModelForCausalLM
-    from labkit.convert import inspect_model
-    from labkit.models import bundled
-    info = inspect_model(model_path)
-    src = info.source
-    if src is None:                # a workspace: find the source it was converted from
-        src = bundled.bundled_gguf_path() if info.config.model_name == bundled.BUNDLED_MODEL_NAME else None
-    if src is None:
-        raise ValueError("the HF baseline needs the source model (alias, HF dir or .gguf), not a workspace")
-    kw = {"gguf_file": src.name} if src.suffix == ".gguf" else {}
-    path = src.parent if src.suffix == ".gguf" else src
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw).to(device).eval()
+RECIPES = {
+    # nano-vllm's bench.py: 256 requests, prompt and output lengths uniform in [100, 1024]
+    "nanovllm": dict(num_requests=256, input_len=[100, 1024], output_len=[100, 1024], seed=0,
+                     max_batch_size=256, session_len=2048),
+}
 
 
 def throughput(args) -> dict:
-    import torch
+    from labkit.bench.models import model_source
     from labkit.config import EngineConfig
     from labkit.engine.engine import LLMEngine
+    for k, v in RECIPES.get(args.recipe, {}).items():
+        setattr(args, k, v)
+    model = model_source(args)
     ec = EngineConfig(max_batch_size=args.max_batch_size, session_len=args.session_len,
-                      cache_max_entry_count=args.cache_max_entry_count, device=args.device)
-    engine = LLMEngine(args.model, ec)
+                      cache_max_entry_count=args.cache_max_entry_count, device=args.device,
+                      dtype=args.dtype, tp=args.tp)
+    engine = LLMEngine(model, ec)
+    try:
+        return _measure(args, model, engine)
+    finally:
+        engine.close()                     # tp > 1: stop the other ranks' processes
+
+
+def _measure(args, model, engine) -> dict:
+    import torch
+
+    from labkit.bench.models import hf_model
+    from labkit.bench.roofline import copy_bandwidth, workload_roofline_seconds
+    from labkit.models.dummy import fold_ids
+    vocab = engine.model_config.vocab_size
     reqs = make_workload(engine.tokenizer, args.num_requests, args.input_len, args.output_len, args.seed)
+    reqs = [Request(fold_ids(r.prompt_ids, vocab), r.output_len) for r in reqs]
     one = [Request(reqs[0].prompt_ids[:16], args.batch1_output_len)]
     warm = make_workload(engine.tokenizer, 2, (16, 32), (4, 8), args.seed + 1)
-    pad = engine.tokenizer.eos_token_id
-    hf = None if args.no_hf else load_hf(args.model, engine.dtype, engine.device)
+    warm = [Request(fold_ids(r.prompt_ids, vocab), r.output_len) for r in warm]
+    pad = engine.tokenizer.eos_token_id % vocab
+    hf = None if args.no_hf else hf_model(model, engine.model_config, engine.dtype, engine.device)
     run_engine(engine, warm)
     if hf is not None:
         run_hf(hf, warm, 2, pad, engine.device)
-    result = {"benchmark": "throughput", "model": str(args.model), "commit": commit(),
+    bw = copy_bandwidth(engine.device) if engine.device.type == "cuda" else \
+        copy_bandwidth(engine.device, 0.25, 3)
+    roof = workload_roofline_seconds(engine.model, engine.stats()["kv_bytes_per_token"],
+                                     [len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs],
+                                     args.max_batch_size, bw)
+    result = {"benchmark": "throughput", "model": str(model), "commit": commit(),
               "date": time.strftime("%Y-%m-%d"), "device": device_name(engine.device),
               "dtype": str(engine.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-              "repeats": args.repeats,
+              "repeats": args.repeats, "copy_bandwidth_GBs": bw / 1e9, "roofline_seconds": roof,
+              "cuda_graphs": engine.runner.graphs is not None, "tp": engine.config.tp,
               "workload": {"num_requests": args.num_requests, "input_len": list(args.input_len),
                            "output_len": list(args.output_len), "seed": args.seed,
                            "max_batch_size": args.max_batch_size, "ignore_eos": True}}
     fns = {"labkit": lambda: run_engine(engine, reqs)}
     if hf is not None:
-        fns["hf"] = lambda: run_hf(hf, reqs, args.max_batch_size, pad, engine.device)
+        fns["hf"] = lambda: run_hf(hf, reqs, args.max_batch_size if args.hf_batch_size is None
+                                   else args.hf_batch_size, pad, engine.device)
     fns["labkit_batch1"] = lambda: run_engine(engine, one)
     if hf is not None:
         fns["hf_batch1"] = lambda: run_hf(hf, one, 1, pad, engine.device)
     result.update(alternate(fns, args.repeats))
+    result["fraction_of_roofline"] = roof / result["labkit"]["seconds"]
+    result["host_ms_per_step"] = engine.stats().get("host_ms_per_step")
     if hf is not None:
         result["speedup"] = result["labkit"]["output_tok_s"] / result["hf"]["output_tok_s"]
         result["speedup_batch1"] = result["labkit_batch1"]["output_tok_s"] / result["hf_batch1"]["output_tok_s"]
@@ -119,6 +138,8 @@ def print_table(r: dict) -> None:
     for name, m in rows:
         if m:
             print(f"{name:<28}{m['seconds']:>10.2f}{m['output_tok_s']:>12.1f}{m['requests_s']:>10.3f}")
+    print(f"roofline (weights + KV reads at {r['copy_bandwidth_GBs']:.0f} GB/s): "
+          f"{r['roofline_seconds']:.2f} s -> labkit at {r['fraction_of_roofline']:.0%} of it")
     if "speedup" in r:
         print(f"speedup vs HF: {r['speedup']:.2f}x (mixed workload), {r['speedup_batch1']:.2f}x (batch-1 decode)")
 
@@ -135,16 +156,20 @@ def main(args) -> int:
 
 
 def add_throughput_args(t) -> None:
+    from labkit.bench.args import add_model_args
     from labkit.engine_args import flag
-    t.add_argument("model", nargs="?", default="smollm2-135m")
+    add_model_args(t)
+    flag(t, "recipe", choices=sorted(RECIPES), help="a named workload (overrides the sizes): "
+         "nanovllm = 256 requests, lengths uniform in [100, 1024], seed 0")
     flag(t, "num_requests", type=int, default=32)
     flag(t, "input_len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
     flag(t, "output_len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
+    flag(t, "tp", type=int, default=1, help="tensor-parallel ranks (processes; GPUs on CUDA)")
     flag(t, "max_batch_size", type=int, default=64)   # config.ini's default
     flag(t, "session_len", type=int, default=1024)
     flag(t, "cache_max_entry_count", type=float, default=0.8)
     flag(t, "batch1_output_len", type=int, default=64)
-    flag(t, "device", default="auto")
+    flag(t, "hf_batch_size", type=int, help="HF's static batch size (default: max_batch_size)")
     flag(t, "seed", type=int, default=0)
     flag(t, "repeats", type=int, default=3, help="runs per measurement; the median is reported")
     flag(t, "no_hf", action="store_true", help="skip the HF transformers baseline")

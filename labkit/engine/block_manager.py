@@ -101,6 +101,8 @@ class BlockManager:
         while len(seq.block_table) < seq.blocks_needed():
             seq.block_table.append(self._take(self._fresh_block_id()))
         seq.num_computed_tokens = seq.num_prefix_hit_tokens = len(hits) * self.block_size
+        seq.num_hashed_blocks = len(hits)
+        seq.last_block_hash = self.blocks[hits[-1]].hash if hits else None
 
     def can_append(self, seq: Sequence) -> bool:
         return seq.blocks_needed() <= len(seq.block_table) or self.num_free > 0
@@ -112,20 +114,22 @@ class BlockManager:
         assert seq.blocks_needed() == len(seq.block_table)
 
     def commit(self, seq: Sequence) -> None:
-        """After a step: name the sequence's newly full, computed blocks for prefix caching."""
+        """After a step: name the sequence's newly full, computed blocks for prefix caching.
+        Incremental: only blocks filled since the last commit are hashed (the chain continues
+        from `seq.last_block_hash`), so a decode step costs O(1) per sequence, not O(length)."""
         if not self.enable_prefix_caching:
             return
-        h = None
-        for i in range(seq.num_computed_tokens // self.block_size):
-            block = self.blocks[seq.block_table[i]]
+        full = seq.num_computed_tokens // self.block_size
+        h = seq.last_block_hash
+        for i in range(seq.num_hashed_blocks, full):
             tokens = tuple(seq.block_tokens(i))
             h = chain_hash(h, tokens)
-            if block.hash == h:
-                continue
-            if block.hash is not None or h in self.hash_to_block:
-                continue   # shared/renamed block or a duplicate of a cached one: keep the first
-            block.hash, block.token_ids = h, tokens
-            self.hash_to_block[h] = block.block_id
+            block = self.blocks[seq.block_table[i]]
+            # a shared/renamed block or a duplicate of a cached one keeps the first name
+            if block.hash is None and h not in self.hash_to_block:
+                block.hash, block.token_ids = h, tokens
+                self.hash_to_block[h] = block.block_id
+        seq.num_hashed_blocks, seq.last_block_hash = full, h
 
     def free(self, seq: Sequence) -> None:
         """Release a sequence's blocks (finish, abort or preemption). Tail blocks go into the
@@ -140,6 +144,34 @@ class BlockManager:
                 else:
                     self.free_ids.append(bid)
         seq.block_table = []
+        seq.kv_epoch += 1
+        seq.num_hashed_blocks, seq.last_block_hash = 0, None
+
+    def pin_prefix(self, token_ids) -> list[int]:
+        """Take a reference on the cached full blocks that hold a prefix of `token_ids`, so no
+        eviction can take them (an interactive session keeps its KV between turns this way).
+        Returns the block ids now held; give them back with `unpin`."""
+        held, h = [], None
+        if not self.enable_prefix_caching:
+            return held
+        for i in range(len(token_ids) // self.block_size):
+            tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = chain_hash(h, tokens)
+            bid = self.hash_to_block.get(h)
+            if bid is None or self.blocks[bid].token_ids != tokens:
+                break
+            held.append(self._take(bid))
+        return held
+
+    def unpin(self, block_ids: list[int]) -> None:
+        """Drop the references `pin_prefix` took; blocks nobody else uses go to the LRU list
+        (still cached, so a later request with that prefix can still hit them)."""
+        for bid in reversed(block_ids):
+            block = self.blocks[bid]
+            assert block.ref_count > 0, f"unpin of unused block {bid}"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.lru[bid] = None     # pinned blocks are named: they were found by hash
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached (unused) block, e.g. to measure without prefix hits. Returns

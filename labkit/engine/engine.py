@@ -59,7 +59,6 @@ def resolve_device(ec: EngineConfig) -> tuple[torch.device, torch.dtype]:
 class LLMEngine:
     def __init__(self, model, engine_config: EngineConfig | None = None):
         from labkit.convert import inspect_model
-        from labkit.models.llama import LlamaForCausalLM
         from labkit.tokenizer import Tokenizer
         from labkit.workspace_ini import resolve_engine_config
 
@@ -67,20 +66,45 @@ class LLMEngine:
         self.model_config = cfg = info.config
         self.config, self.config_notes = resolve_engine_config(engine_config, info.inference, cfg)
         ec = self.config
-        if ec.tp != 1:
-            raise ConfigError(f"tp={ec.tp} is not allowed in LLMEngine yet: tensor-parallel "
-                              f"serving comes with the TP lesson (04); use tp=1")
+        cfg.check_tp(ec.tp)               # a clear error before any rank's process starts
         if ec.rope_scaling_factor not in (0, 1) or ec.use_logn_attn:
             raise ConfigError(f"rope_scaling_factor={ec.rope_scaling_factor}, use_logn_attn="
                               f"{int(bool(ec.use_logn_attn))} are not allowed yet: dynamic NTK and "
                               f"logn attention come with lesson 07; use 0 and 0")
         self.device, self.dtype = resolve_device(ec)
+        self.tp_group = None
+        try:
+            self._load(model, cfg, ec, info.workspace)
+        except BaseException:             # stop the other ranks we may have started
+            self.close()
+            raise
+        self.tokenizer = Tokenizer(info.tokenizer_dir, ec.model_name or cfg.model_name)
+        self.seqs: dict[str, Sequence] = {}
+        self.stoppers: dict[str, StopChecker] = {}
+        self._ids = itertools.count()
+        self.generated_tokens_total = 0
+        self.num_steps = 0
+        self.host_seconds = 0.0           # schedule + postprocess time, summed over steps
+        self.last_batch = None
+
+    def _load(self, model, cfg, ec: EngineConfig, workspace) -> None:
+        """Weights, KV cache, scheduler, runner. At tp > 1 ranks 1..tp-1 (their own processes,
+        labkit/engine/tp_group.py) load their shards and build their runners alongside."""
+        from labkit.engine import tp_group
+        from labkit.models.llama import LlamaForCausalLM
+        max_positions = max(ec.session_len, cfg.max_position_embeddings)
+        self.tp_group = tp_group.start(model, ec, self.device, self.dtype, max_positions,
+                                        workspace)
+        if self.tp_group is not None:
+            self.device = self.tp_group.device
         t0 = time.perf_counter()
         self.model = LlamaForCausalLM.from_pretrained(
-            model, dtype=self.dtype, device=self.device,
-            max_positions=max(ec.session_len, cfg.max_position_embeddings))
+            model, rank=0, tp=ec.tp, dtype=self.dtype, device=self.device,
+            max_positions=max_positions)
         self.load_seconds = time.perf_counter() - t0
-        self.kv_plan = plan_kv_cache(cfg, ec, self.device, self.dtype, workspace=info.workspace)
+        self.kv_plan = plan_kv_cache(cfg, ec, self.device, self.dtype, workspace=workspace)
+        if self.tp_group is not None:
+            self.kv_plan = self.tp_group.agree_kv_plan(self.kv_plan)
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
                  self.kv_plan.num_blocks, self.kv_plan.block_size, self.kv_plan.num_tokens,
                  self.kv_plan.total_bytes / 2**20, self.kv_plan.how)
@@ -88,13 +112,13 @@ class LLMEngine:
                                           ec.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, ec.max_batch_size, ec.max_prefill_token_num)
         self.runner = ModelRunner(self.model, cfg, ec, self.kv_plan, self.device, self.dtype)
-        self.tokenizer = Tokenizer(info.tokenizer_dir, ec.model_name or cfg.model_name)
-        self.seqs: dict[str, Sequence] = {}
-        self.stoppers: dict[str, StopChecker] = {}
-        self._ids = itertools.count()
-        self.generated_tokens_total = 0
-        self.num_steps = 0
-        self.last_batch = None
+        if self.tp_group is not None:
+            self.tp_group.attach(self.runner)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (nothing to do at tp=1); no step can run after."""
+        if self.tp_group is not None:
+            self.tp_group.close()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt, gen_config: GenerationConfig | None = None,
@@ -141,17 +165,23 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:
             if self.has_unfinished():
                 raise RuntimeError("no request can be scheduled: the KV cache is too small")
             return []
         self.last_batch = batch                            # for notebooks and tests to inspect
+        t1 = time.perf_counter()
         sampled = self.runner.run(batch)                   # {seq_id: token}
+        t2 = time.perf_counter()
         self.scheduler.postprocess(batch)
         self.num_steps += 1
-        return [out for seq in batch.seqs if seq.seq_id in sampled
+        outs = [out for seq in batch.seqs if seq.seq_id in sampled
                 for out in [self._on_token(seq, sampled[seq.seq_id])]]
+        # host time outside the runner: scheduling, block bookkeeping, stop checks, detokenizing
+        self.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
+        return outs
 
     def _on_token(self, seq: Sequence, token: int) -> RequestOutput:
         if seq.first_token_time is None:
@@ -203,4 +233,6 @@ class LLMEngine:
                 "prefix_cache_hits": bm.stats.prefix_cache_hits,
                 "evictions": bm.stats.evictions, "preemptions": self.scheduler.num_preemptions,
                 "generated_tokens_total": self.generated_tokens_total, "steps": self.num_steps,
+                "host_ms_per_step": 1e3 * (self.host_seconds + self.runner.prepare_seconds)
+                                    / max(1, self.num_steps),
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}

@@ -14,6 +14,10 @@ cache_max_entry_count (as in LMDeploy):
              (GPU: cudaMemGetInfo; CPU: min(available RAM, kv_budget_gib))
   > 1:       that many blocks
 Never more than max_batch_size x session_len tokens: a bigger cache could not be used.
+
+Tensor parallel: each rank holds kv_heads/tp heads of every token, so bytes per token are per
+rank; on CPU the ranks share the RAM and each takes 1/tp of the budget; every rank plans, then
+all take the smallest block count (labkit/engine/tp_group.py).
 """
 from __future__ import annotations
 
@@ -110,6 +114,8 @@ def plan_kv_cache(cfg: ModelConfig, ec: EngineConfig, device: torch.device,
         n, budget, how = int(count), 0, f"cache_max_entry_count={int(count)} blocks"
     else:
         budget, where = available_memory(device, ec.kv_budget_gib)
+        if device.type == "cpu" and ec.tp > 1:    # tp ranks share this machine's RAM
+            budget, where = budget // ec.tp, f"{where} / {ec.tp} ranks"
         n = int(budget * count) // per_block
         how = f"{count:g} x {where} ({budget / 2**30:.2f} GiB) / {per_block / 2**20:.2f} MiB per block"
     if n > cap:

@@ -1,52 +1,48 @@
 """ModelRunner: turns a scheduled batch into tensors, runs the model, samples.
 
-For a batch of sequences it builds (vLLM's names):
-    input_ids     (N,)  the tokens computed this step, all sequences packed
-    positions     (N,)  each token's absolute position (RoPE)
-    slot_mapping  (N,)  the cache slot each token's K/V is written to
-    block_tables  (B, max_blocks)  each sequence's blocks, padded with -1
-    context_lens  (B,)  tokens in cache after this step
-    cu_seqlens_q  (B+1,)  prefill only: where each sequence's tokens start in input_ids
-The inputs are copied into buffers allocated once (sized for the largest step), so their
-addresses stay fixed between steps, which CUDA graphs need.
+    run(batch) = prepare (host: numpy into the step buffer, one upload)
+               -> forward (device: a captured CUDA graph for decode, eager otherwise)
+               -> sample  (argmax or the full sampler; the one device->host sync of the step)
+
+The KV cache tensors are allocated here and handed to each layer's Attention. On CUDA the
+Triton backend is chosen (EngineConfig.attention_backend="auto") and decode steps replay CUDA
+graphs (labkit/engine/cuda_graphs.py) unless EngineConfig.enforce_eager is set. On CPU the
+same code runs the PyTorch references eagerly.
 """
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
 import torch
 
 from labkit.config import EngineConfig, ModelConfig
+from labkit.engine.cuda_graphs import DecodeGraphs, graph_buckets
 from labkit.engine.kv_cache import KVCachePlan, allocate_kv_cache
 from labkit.engine.sampler import SampleRow, Sampler
 from labkit.engine.scheduler import ScheduledBatch
-from labkit.layers.attention import AttentionMetadata
+from labkit.engine.step_inputs import StepBuffers, StepInputs, fill_step
 from labkit.layers.backend import make_backend
 
 log = logging.getLogger("labkit")
 
 
-class InputBuffers:
-    """Step inputs that stay allocated between steps (int32 except ids/positions/slots)."""
+@dataclass(frozen=True)
+class StepHeader:
+    """What a rank needs, besides the step buffer, to run a step's forward (tensor parallel:
+    rank 0 sends it to the other ranks with the used part of the buffer)."""
+    is_prefill: bool
+    num_seqs: int              # B
+    num_tokens: int            # N
+    max_seqlen_q: int
+    num_logits_rows: int       # S
+    bucket: int = 0            # decode CUDA graph replayed (0: eager)
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device):
-        def buf(n, dtype=torch.int64, *more):
-            return torch.zeros((n, *more), dtype=dtype, device=device)
-        self.input_ids = buf(max_tokens)                                  # (N_max,)
-        self.positions = buf(max_tokens)                                  # (N_max,)
-        self.slot_mapping = buf(max_tokens)                               # (N_max,)
-        self.block_tables = buf(max_seqs, torch.int32, max_blocks)        # (B_max, M)
-        self.context_lens = buf(max_seqs, torch.int32)                    # (B_max,)
-        self.cu_seqlens_q = buf(max_seqs + 1, torch.int32)                # (B_max+1,)
-        self.logits_index = buf(max_seqs)                                 # (B_max,)
-
-    @staticmethod
-    def fill(dst: torch.Tensor, values) -> torch.Tensor:
-        """Copy host values into the front of a persistent buffer; return that view."""
-        src = torch.as_tensor(values, dtype=dst.dtype)
-        view = dst[:src.shape[0]]
-        view.copy_(src, non_blocking=True)
-        return view
+    @property
+    def num_rows(self) -> int:
+        """Block-table rows in use (a graph bucket pads B up to its size)."""
+        return self.bucket or self.num_seqs
 
 
 class ModelRunner:
@@ -54,62 +50,86 @@ class ModelRunner:
                  device: torch.device, dtype: torch.dtype):
         self.model, self.cfg, self.ec, self.plan = model, cfg, ec, plan
         self.device, self.dtype = device, dtype
-        self.block_size = plan.block_size
-        self.kv_cache = allocate_kv_cache(cfg, plan, ec.tp, device, dtype)
+        self.kv_cache = allocate_kv_cache(cfg, plan, ec.tp, device, dtype,
+                                          rank=getattr(model, "rank", 0))
         self.backend = make_backend(ec.attention_backend, device)
         model.set_backend(self.backend)
         for layer, (k_cache, v_cache) in zip(model.layers, self.kv_cache):
             layer.attention.attn.k_cache, layer.attention.attn.v_cache = k_cache, v_cache
         max_blocks = -(-ec.session_len // plan.block_size)
         max_tokens = max(ec.max_prefill_token_num, ec.max_batch_size)
-        self.buffers = InputBuffers(max_tokens, ec.max_batch_size, max_blocks, device)
+        self.buffers = StepBuffers(max_tokens, ec.max_batch_size, max_blocks, device)
         self.sampler = Sampler()
-
-    # ------------------------------------------------------------------ inputs
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Build this step's tensors. Returns ids, positions, metadata and, per sequence, the
-        row of its last token (the only one whose logits are needed)."""
-        ids, pos, slots, ctx, cu, last = [], [], [], [], [0], []
-        bs = self.block_size
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start = seq.num_computed_tokens                 # first token computed now
-            for p in range(start, start + n):
-                slots.append(seq.block_table[p // bs] * bs + p % bs)
-            ids.extend(seq.token_ids[start:start + n])
-            pos.extend(range(start, start + n))
-            ctx.append(start + n)
-            cu.append(cu[-1] + n)
-            last.append(cu[-1] - 1)
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [-1] * (width - len(s.block_table)) for s in batch.seqs]
-        b = self.buffers
-        tables_view = b.block_tables[:len(tables), :width]
-        tables_view.copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
-        md = AttentionMetadata(
-            is_prefill=batch.is_prefill,
-            slot_mapping=b.fill(b.slot_mapping, slots),
-            block_tables=tables_view,
-            context_lens=b.fill(b.context_lens, ctx),
-            cu_seqlens_q=b.fill(b.cu_seqlens_q, cu) if batch.is_prefill else None,
-            max_seqlen_q=max(batch.num_new_tokens))
-        return b.fill(b.input_ids, ids), b.fill(b.positions, pos), md, last
+        self.graphs = None
+        self.prepare_seconds = 0.0        # host time building step inputs, summed over steps
+        self.tp_group = None              # rank 0 at tp > 1: labkit/engine/tp_group.py sets it
+        if device.type == "cuda" and not ec.enforce_eager and self.backend.name == "triton":
+            self.graphs = DecodeGraphs(self._decode_forward, graph_buckets(ec.max_batch_size))
+            self._padding_inputs()
+            self.graphs.capture()
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> dict[int, int]:
         """Run one step. Returns {seq_id: sampled token} for the sequences that sample now
         (all decodes; prefills whose prompt is complete after this chunk)."""
-        input_ids, positions, md, last = self.prepare(batch)
-        hidden = self.model(input_ids, positions, md)                      # (N, H)
-        sampling = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
-                    if n == s.num_uncomputed_tokens]                       # prompt done / decode
-        if not sampling:
+        step, logits = self.execute(batch.seqs, batch.num_new_tokens, batch.is_prefill)
+        if not step.logits_rows:
             return {}
-        rows_idx = self.buffers.fill(self.buffers.logits_index, [last[i] for i in sampling])
-        logits = self.model.compute_logits(hidden[rows_idx])              # (S, V) float32
-        rows = [self._sample_row(batch.seqs[i]) for i in sampling]
-        tokens = self.sampler(logits, rows).tolist()                       # (S,)
-        return {batch.seqs[i].seq_id: t for i, t in zip(sampling, tokens)}
+        seqs = [batch.seqs[i] for i in step.sample_seq_index]
+        tokens = self.sampler(logits, [self._sample_row(s) for s in seqs]).tolist()  # the sync
+        return {s.seq_id: t for s, t in zip(seqs, tokens)}
+
+    def execute(self, seqs, num_new_tokens, is_prefill: bool) -> tuple[StepInputs, torch.Tensor]:
+        """prepare + forward: the logits (S, V) float32 of the rows that sample."""
+        t0 = time.perf_counter()
+        bucket = None if is_prefill or self.graphs is None else self.graphs.bucket(len(seqs))
+        step = fill_step(self.buffers, seqs, num_new_tokens, is_prefill, pad_to=bucket or 0)
+        header = StepHeader(is_prefill, step.num_seqs, step.num_tokens, step.max_seqlen_q,
+                            len(step.logits_rows), bucket or 0)
+        self.prepare_seconds += time.perf_counter() - t0
+        if self.tp_group is not None:       # the other ranks run the same step on their shards
+            return step, self.tp_group.run_step(header, self.buffers, self.forward_from_buffers)
+        return step, self.forward_from_buffers(header)
+
+    def forward_from_buffers(self, h: StepHeader) -> torch.Tensor:
+        """The step written in the host buffer -> logits (S, V) float32 of the rows that sample.
+        Every tensor-parallel rank calls this with the same buffer contents and header."""
+        self.buffers.upload(h.num_rows)
+        if h.bucket:
+            return self.graphs.replay(h.bucket)[:h.num_seqs]                # (B, V)
+        if not h.is_prefill:
+            return self._decode_forward(h.num_seqs)                          # (B, V)
+        b = self.buffers
+        md = b.metadata(True, h.num_seqs, h.num_tokens, h.max_seqlen_q)
+        hidden = self.model(b.view("input_ids", h.num_tokens),
+                            b.view("positions", h.num_tokens), md)          # (N, H)
+        rows = b.view("logits_rows", h.num_logits_rows)                      # (S,)
+        return self.model.compute_logits(hidden[rows])                       # (S, V)
+
+    def _decode_forward(self, batch_size: int) -> torch.Tensor:
+        """One token per sequence: ids (B,) in the buffer -> logits (B, V). Captured as a
+        graph per bucket, or run eagerly (CPU, enforce_eager, batches past the largest bucket)."""
+        from kernels.paged_decode import decode_num_splits
+        b = self.buffers
+        splits = None
+        if self.backend.name == "triton":       # fixed per batch size, so a graph keeps its grid
+            splits = decode_num_splits(batch_size, self.cfg.num_kv_heads // self.ec.tp, self.device)
+        md = b.metadata(False, batch_size, batch_size, 1, decode_splits=splits)
+        hidden = self.model(b.view("input_ids", batch_size), b.view("positions", batch_size), md)
+        return self.model.compute_logits(hidden)                             # (B, V) float32
+
+    def _padding_inputs(self) -> None:
+        """Before capture: every row a padding row, so warm-up runs write nothing."""
+        b = self.buffers
+        n = b.max_seqs
+        b.field("input_ids", n)[:] = 0
+        b.field("positions", n)[:] = 0
+        b.field("slot_mapping", n)[:] = -1
+        b.field("context_lens", n)[:] = 0
+        b.tables[:] = 0
+        b.upload(n)
+        torch.cuda.synchronize()
 
     def _sample_row(self, seq) -> SampleRow:
         gc = seq.gen_config

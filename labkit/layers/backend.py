@@ -12,6 +12,7 @@ when you write your own kernel: subclass a backend and override one op.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import kernels as K
 from kernels.kv_quant import store_kv_quant_ref
@@ -23,6 +24,9 @@ from labkit.layers.backend_quant import TritonKVQuantOps
 class TorchBackend:
     """The readable reference path."""
     name = "torch"
+
+    def linear(self, x, weight, bias=None):
+        return F.linear(x, weight, bias)
 
     def rms_norm(self, x, weight, eps, residual=None):
         return K.rms_norm_ref(x, weight, eps, residual)
@@ -58,6 +62,14 @@ class TorchBackend:
 class TritonBackend(TritonKVQuantOps, TorchBackend):
     """The fast path: one Triton launch per op, no host sync (CUDA graphs can capture it)."""
     name = "triton"
+
+    def linear(self, x, weight, bias=None):
+        # decode batches of <= 16 rows in 16-bit: the skinny kernel; fp32 stays on F.linear
+        # (IEEE products, what the fp32 parity tests compare)
+        rows = x.numel() // x.shape[-1]
+        if rows <= K.SMALL_M and x.dtype != torch.float32 and bias is None and x.is_cuda:
+            return K.linear_small_m_triton(x, weight)
+        return F.linear(x, weight, bias)
 
     def rms_norm(self, x, weight, eps, residual=None):
         return K.rms_norm_triton(x, weight, eps, residual)
