@@ -8,7 +8,7 @@ method of the issue's HF estimates (12.88 / 12.89 / 15.09), one variant at a tim
 
     where K is quantized   after RoPE (what the cache stores) | before RoPE
     group                  per token and head (D values) | per token and group of G channels
-    zero point             integer (the engine's: uint8 beside a float16 scale) | float
+    zero point             integer (the engine's int8: uint8) | float16 minimum (its int4)
     clipping               the range shrunk by a factor r (r = 1: plain min/max)
     K smoothing            K channel pair j, j+D/2 divided by c_j = absmax_j^alpha from the
                            calibration statistics and q multiplied by it: q.k is unchanged, RoPE
@@ -34,15 +34,16 @@ def fake_quant(x, bits, group=0, clip=1.0, int_zero=True):
         x = x.reshape(*shape[:-1], shape[-1] // group, group)
     qmax = 2 ** bits - 1
     lo, hi = x.amin(-1, keepdim=True) * clip, x.amax(-1, keepdim=True) * clip
-    if int_zero:                       # the engine's format: 0 exactly representable
+    if int_zero:                       # the engine's int8 format: 0 exactly representable
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         s = ((hi - lo) / qmax).clamp(min=2 ** -14).half().float()
         z = torch.floor(-lo / s + 0.5).clamp(0, qmax)
         q = (torch.floor(x / s + 0.5) + z).clamp(0, qmax)
         y = (q - z) * s
-    else:                              # float zero (min): LMDeploy's online format
-        s = ((hi - lo) / qmax).clamp(min=1e-8)
-        y = ((x - lo) / s).round().clamp(0, qmax) * s + lo
+    else:                              # float zero = min (the engine's int4, LMDeploy's online)
+        s = ((hi - lo) / qmax).clamp(min=2 ** -14).half().float()
+        m = lo.half().float()          # both stored as float16
+        y = torch.floor((x - m) / s + 0.5).clamp(0, qmax) * s + m
     return y.reshape(shape)
 
 
