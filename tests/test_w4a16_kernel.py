@@ -149,3 +149,15 @@ def test_kernel_real_shapes_gpu(K, N, M):
     want = reference64(x, q, s, z, G)
     err = (y.double().cpu() - want).abs().max() / want.abs().max()
     assert not y.isnan().any() and err < 1e-2
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,G", [(1, 64), (16, 32), (64, 64)])
+def test_kernel_other_groups_gpu(M, G):
+    K, N = 4096, 11008
+    q, qw, s, z = random_int4(N, K, G, torch.bfloat16)
+    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    y = w4a16_linear_triton(x, qw, s, z, G)
+    want = reference64(x, q, s, z, G)
+    assert ((y.double().cpu() - want).abs().max() / want.abs().max()) < 1e-2
