@@ -1,12 +1,18 @@
 """KV-cache quantization: int8 / int4 codes, asymmetric per token and KV head.
 
-Every (token, KV head) row of D values gets its own scale s and integer zero point z:
+Every (token, KV head) row of D values x gets its own scale s and zero, two ways:
 
-    lo, hi = min(x, 0), max(x, 0)            the range, stretched to hold 0 (z is an integer)
-    s      = (hi - lo) / (2^bits - 1)        stored as float16
-    z      = round(-lo / s)                  stored as uint8, in [0, 2^bits - 1]
-    code   = clamp(round(x / s) + z, 0, 2^bits - 1)
-    x_hat  = (code - z) * s                  what attention reads back
+  int8, integer zero point (1 byte):        int4, float zero = the row minimum (float16):
+    lo, hi = min(x, 0), max(x, 0)              lo, hi = min(x), max(x)
+    s      = (hi - lo) / 255                   s      = (hi - lo) / 15
+    z      = round(-lo / s)      uint8         m      = lo                 float16
+    code   = clamp(round(x / s) + z, 0, 255)   code   = clamp(round((x - m) / s), 0, 15)
+    x_hat  = (code - z) * s                    x_hat  = code * s + m
+
+(s is stored as float16.) Why two: an integer zero must put 0 on the grid, which shifts the
+grid by up to half a step; with 255 steps that costs nothing measurable, with 15 it costs
+~3% perplexity on the bundled model, so int4 keeps the exact minimum. Bytes decide the rest:
+int8 needs the 1-byte zero to reach 1.9x the tokens of bf16 at head_dim 64.
 
 The paged cache of one layer keeps, for K and for V, a `QuantKVCache`: the codes plus a side
 cache of scales and zeros addressed by the same slots (so by the same block table):
@@ -15,14 +21,17 @@ cache of scales and zeros addressed by the same slots (so by the same block tabl
            (num_blocks, block_size, Hkv, D // 2) uint8, two int4 codes per byte (int4):
                                                  low nibble = dim j, high nibble = dim j + D/2
     scale  (num_blocks, block_size, Hkv)         float16
-    zero   (num_blocks, block_size, Hkv)         uint8
+    zero   (num_blocks, block_size, Hkv)         uint8 (int8) | float16 (int4)
 
-Bytes per token and head (K or V): D + 3 for int8, D/2 + 3 for int4, against 2D in bf16: at
-D = 64 that is 1.91x and 3.66x more tokens in the same memory.
+Bytes per token and head (K or V): D + 3 for int8, D/2 + 4 for int4, against 2D in bf16: at
+D = 64 that is 1.91x and 3.56x more tokens in the same memory (D = 128: 1.94x, 3.76x).
 
 Calibrated (static) parameters: `QuantKVCache.static` (Hkv, 2) holds one (scale, zero) per KV
-head, measured offline (`labkit lite kv_qparams`). The store then uses those instead of each
-token's own range, and still writes them per token, so the attention kernels never know.
+head, measured offline (`labkit lite kv_qparams`), in the same format: int8 an integer zero
+point, int4 a float zero (the head's calibrated minimum, so one 16-level grid per head from
+its calibrated min to max). The store then uses those instead of each token's own range
+(values outside are clipped), and still writes them per token, so the attention kernels
+never know.
 
     quantize_ref / dequantize_ref / pack_int4 / unpack_int4   the arithmetic, in PyTorch
     store_kv_quant_ref      PyTorch: quantize, then index_copy_ into the slots
@@ -48,7 +57,7 @@ class QuantKVCache:
     """One layer's K (or V) cache in int8/int4 and its per-token, per-head scale and zero."""
     data: torch.Tensor                      # (num_blocks, block_size, Hkv, D or D//2) uint8
     scale: torch.Tensor                     # (num_blocks, block_size, Hkv) float16
-    zero: torch.Tensor                      # (num_blocks, block_size, Hkv) uint8
+    zero: torch.Tensor                      # (num_blocks, block_size, Hkv) uint8 | float16
     bits: int                               # 8 or 4
     static: Optional[torch.Tensor] = None   # (Hkv, 2) float32 calibrated (scale, zero) or None
 
@@ -60,7 +69,7 @@ class QuantKVCache:
         rows = (num_blocks, block_size, num_kv_heads)
         return QuantKVCache(torch.empty(*rows, width, dtype=torch.uint8, device=device),
                             torch.empty(rows, dtype=torch.float16, device=device),
-                            torch.empty(rows, dtype=torch.uint8, device=device), bits)
+                            torch.empty(rows, dtype=zero_dtype(bits), device=device), bits)
 
     @property
     def head_dim(self) -> int:
@@ -68,34 +77,51 @@ class QuantKVCache:
 
     @staticmethod
     def bytes_per_row(head_dim: int, bits: int) -> int:
-        """Bytes one (token, KV head) row takes, codes + scale (2) + zero (1)."""
-        return head_dim * bits // 8 + 3
+        """Bytes one (token, KV head) row takes: codes + scale (2) + zero (1 or 2)."""
+        return head_dim * bits // 8 + 2 + zero_dtype(bits).itemsize
+
+
+def zero_dtype(bits: int) -> torch.dtype:
+    """int8: an integer zero point (uint8); int4: the row minimum (float16)."""
+    return torch.uint8 if bits == 8 else torch.float16
 
 
 # ----------------------------------------------------------------------------- the arithmetic
 def quantize_ref(x: torch.Tensor, bits: int, static: torch.Tensor | None = None):
-    """x (..., Hkv, D) -> codes (..., Hkv, D) uint8, scale (..., Hkv) float16, zero (..., Hkv) uint8.
+    """x (..., Hkv, D) -> codes (..., Hkv, D) uint8, scale (..., Hkv) float16, zero (..., Hkv)
+    (uint8 for int8, float16 for int4; see the module docstring).
 
     Online: each row's own range. Static: `static` (Hkv, 2) gives every token of head h the
     calibrated (scale, zero); values outside the calibrated range are clipped."""
     qmax = 2 ** bits - 1
     x = x.float()
-    if static is None:
+    if static is not None:
+        scale = static[:, 0].float().expand(x.shape[:-1])               # (..., Hkv)
+        zero = static[:, 1].float().expand(x.shape[:-1])
+    elif bits == 8:
         lo = x.amin(-1).clamp(max=0)                                   # (..., Hkv)
         hi = x.amax(-1).clamp(min=0)
         scale = ((hi - lo) / qmax).clamp(min=MIN_SCALE).half().float()  # rounded as stored
         zero = torch.floor(-lo / scale + 0.5).clamp(0, qmax)            # (..., Hkv)
     else:
-        scale = static[:, 0].float().expand(x.shape[:-1])               # (..., Hkv)
-        zero = static[:, 1].float().expand(x.shape[:-1])
-    codes = torch.floor(x / scale[..., None] + 0.5) + zero[..., None]   # (..., Hkv, D)
+        lo, hi = x.amin(-1), x.amax(-1)                                 # (..., Hkv)
+        scale = ((hi - lo) / qmax).clamp(min=MIN_SCALE).half().float()
+        zero = lo.half().float()                                        # the minimum, as stored
+    if bits == 8:
+        codes = torch.floor(x / scale[..., None] + 0.5) + zero[..., None]  # (..., Hkv, D)
+    else:
+        codes = torch.floor((x - zero[..., None]) / scale[..., None] + 0.5)
     codes = codes.clamp(0, qmax).to(torch.uint8)
-    return codes, scale.half(), zero.to(torch.uint8)
+    return codes, scale.half(), zero.to(zero_dtype(bits))
 
 
 def dequantize_ref(codes, scale, zero, dtype=torch.float32) -> torch.Tensor:
-    """codes (..., D) uint8, scale/zero (...,) -> (codes - zero) * scale, (..., D) in dtype."""
-    return ((codes.float() - zero.float()[..., None]) * scale.float()[..., None]).to(dtype)
+    """codes (..., D) uint8, scale/zero (...,) -> (..., D) in dtype:
+    (codes - zero) * scale for an integer zero (uint8), codes * scale + zero for a float one."""
+    s = scale.float()[..., None]
+    if zero.dtype == torch.uint8:
+        return ((codes.float() - zero.float()[..., None]) * s).to(dtype)
+    return (codes.float() * s + zero.float()[..., None]).to(dtype)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -165,13 +191,23 @@ def _quantize_store_row(x_ptr, stride_n, stride_h, n, slot, data_ptr, scale_ptr,
         scale = tl.load(static_ptr + h * 2, mask=hm, other=1.0)  # (HP2,) float32
         zero = tl.load(static_ptr + h * 2 + 1, mask=hm, other=0.0)
     else:
-        lo = tl.minimum(tl.minimum(tl.min(x_lo, 1), tl.min(x_hi, 1)), 0.0)   # (HP2,)
-        hi = tl.maximum(tl.maximum(tl.max(x_lo, 1), tl.max(x_hi, 1)), 0.0)
+        lo = tl.minimum(tl.min(x_lo, 1), tl.min(x_hi, 1))        # (HP2,)
+        hi = tl.maximum(tl.max(x_lo, 1), tl.max(x_hi, 1))
+        if BITS == 8:                                            # integer zero: 0 on the grid
+            lo = tl.minimum(lo, 0.0)
+            hi = tl.maximum(hi, 0.0)
         scale = tl.maximum((hi - lo) / qmax, 6.103515625e-05)     # MIN_SCALE = 2^-14
         scale = scale.to(tl.float16).to(tl.float32)              # rounded as it is stored
-        zero = tl.minimum(tl.maximum(tl.floor(-lo / scale + 0.5), 0.0), qmax)
-    c_lo = tl.floor(x_lo / scale[:, None] + 0.5) + zero[:, None]             # (HP2, HALF)
-    c_hi = tl.floor(x_hi / scale[:, None] + 0.5) + zero[:, None]
+        if BITS == 8:
+            zero = tl.minimum(tl.maximum(tl.floor(-lo / scale + 0.5), 0.0), qmax)
+        else:                                                    # float zero: the minimum
+            zero = lo.to(tl.float16).to(tl.float32)
+    if BITS == 8:
+        c_lo = tl.floor(x_lo / scale[:, None] + 0.5) + zero[:, None]         # (HP2, HALF)
+        c_hi = tl.floor(x_hi / scale[:, None] + 0.5) + zero[:, None]
+    else:
+        c_lo = tl.floor((x_lo - zero[:, None]) / scale[:, None] + 0.5)
+        c_hi = tl.floor((x_hi - zero[:, None]) / scale[:, None] + 0.5)
     c_lo = tl.minimum(tl.maximum(c_lo, 0.0), qmax).to(tl.uint8)
     c_hi = tl.minimum(tl.maximum(c_hi, 0.0), qmax).to(tl.uint8)
     row = slot * HKV + h                                         # (HP2,) rows of the side cache
@@ -182,7 +218,7 @@ def _quantize_store_row(x_ptr, stride_n, stride_h, n, slot, data_ptr, scale_ptr,
     else:                                                        # two codes per byte
         tl.store(data_ptr + row[:, None] * HALF + dl[None, :], c_lo | (c_hi << 4), mask=hm[:, None])
     tl.store(scale_ptr + row, scale.to(tl.float16), mask=hm)
-    tl.store(zero_ptr + row, zero.to(tl.uint8), mask=hm)
+    tl.store(zero_ptr + row, zero.to(zero_ptr.dtype.element_ty), mask=hm)
 
 
 @triton.jit
@@ -251,6 +287,17 @@ def load_code_halves(data_ptr, rows, valid, D: tl.constexpr, BITS: tl.constexpr,
 
 
 @triton.jit
+def _scale_and_zero(s_ptr, z_ptr, rows, valid, off, BITS: tl.constexpr):
+    """Per-token scale s and zero zc in code units (BN,) float32: x_hat = (c + off - zc) s.
+    Rows past the end get s = 1, zc = off (finite: the caller masks them out)."""
+    s = tl.load(s_ptr + rows, mask=valid, other=1.0).to(tl.float32)
+    z = tl.load(z_ptr + rows, mask=valid, other=0).to(tl.float32)
+    if BITS == 8:
+        return s, z + off                                        # integer zero point
+    return s, off - z / s                                        # float zero m: c s + m
+
+
+@triton.jit
 def attend_quant_tile(q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid, see,
                       kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, qk_scale,
                       D: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr,
@@ -260,14 +307,14 @@ def attend_quant_tile(q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid, 
     rows (BN,) side-cache rows, valid (BN,), see (M, BN) visibility (used when MASKED).
     Returns the new m_i, l_i (M,) and acc_lo, acc_hi (M, D/2) float32.
 
-    The dequantization is folded into the products instead of applied to every element:
-        q . k_hat = q . ((c - z) s) = s (q . c - z sum(q))              per key column
-        sum_t p_t v_hat_t = sum_t (p_t s_t) c_t - sum_t p_t s_t z_t     per output row
-    so a tile costs the code -> float step plus two per-token multiplies."""
+    Every row dequantizes as x_hat = (c - zc) s, with zc = z (int8) or -m / s (int4), plus the
+    1024 of MAGIC codes. That is folded into the products instead of applied to every element:
+        q . k_hat = s (q . c - zc sum(q))                                per key column
+        sum_t p_t v_hat_t = sum_t (p_t s_t) c_t - sum_t (p_t s_t) zc_t   per output row
+    so a tile costs the code -> float step plus a few per-token multiplies."""
     off = 1024.0 if MAGIC else 0.0                               # see load_code_halves
     # ---- scores: q . k_hat
-    k_s = tl.load(ks_ptr + rows, mask=valid, other=0.0).to(tl.float32)         # (BN,)
-    k_z = tl.load(kz_ptr + rows, mask=valid, other=0).to(tl.float32) + off     # (BN,)
+    k_s, k_zc = _scale_and_zero(ks_ptr, kz_ptr, rows, valid, off, BITS)         # (BN,) x2
     k_lo, k_hi = load_code_halves(kd_ptr, rows, valid, D, BITS, MAGIC)         # (BN, D/2) x2
     if not MAGIC:          # via float32: Triton's interpreter gets uint8 -> bfloat16 wrong
         k_lo, k_hi = k_lo.to(tl.float32).to(q_lo.dtype), k_hi.to(tl.float32).to(q_lo.dtype)
@@ -276,7 +323,7 @@ def attend_quant_tile(q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid, 
         qc += tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee")            # (M, BN) q . c
     else:
         qc = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
-    qk = (qc - q_sum[:, None] * k_z[None, :]) * (k_s * qk_scale)[None, :]     # (M, BN) log2 units
+    qk = (qc - q_sum[:, None] * k_zc[None, :]) * (k_s * qk_scale)[None, :]    # (M, BN) log2 units
     if MASKED:
         qk = tl.where(see, qk, float("-inf"))
     # ---- online softmax
@@ -286,13 +333,12 @@ def attend_quant_tile(q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid, 
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     # ---- values: p @ v_hat
-    v_s = tl.load(vs_ptr + rows, mask=valid, other=0.0).to(tl.float32)         # (BN,)
-    v_z = tl.load(vz_ptr + rows, mask=valid, other=0).to(tl.float32) + off
+    v_s, v_zc = _scale_and_zero(vs_ptr, vz_ptr, rows, valid, off, BITS)
     v_lo, v_hi = load_code_halves(vd_ptr, rows, valid, D, BITS, MAGIC)
     if not MAGIC:
         v_lo, v_hi = v_lo.to(tl.float32).to(q_lo.dtype), v_hi.to(tl.float32).to(q_lo.dtype)
     ps = (p * v_s[None, :]).to(v_lo.dtype)                       # (M, BN) weights x scales
-    corr = tl.sum(ps.to(tl.float32) * v_z[None, :], 1)           # (M,) from the rounded weights
+    corr = tl.sum(ps.to(tl.float32) * v_zc[None, :], 1)          # (M,) from the rounded weights
     if IEEE:
         pv_lo = tl.dot(ps, v_lo, input_precision="ieee")
         pv_hi = tl.dot(ps, v_hi, input_precision="ieee")

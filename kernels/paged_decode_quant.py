@@ -9,7 +9,7 @@ its cached tokens, reading codes + scales + zeros (kernels/kv_quant.py) instead 
 
 Why it is faster than bf16: a decode step reads the whole cache once and does little math per
 byte, so its time is the bytes read. int8 reads D + 3 bytes per (token, head) instead of 2D,
-int4 D/2 + 3. The kernel keeps it that way by never writing a dequantized tile: codes become
+int4 D/2 + 4. The kernel keeps it that way by never writing a dequantized tile: codes become
 float16 with one integer OR (see load_code_halves) and scale and zero are applied per token to
 the scores and the softmax weights (see attend_quant_tile).
 """

@@ -3,16 +3,19 @@ bf16, and end-to-end throughput when the cache limits the batch. Prints a table 
 
     python scripts/gpu_kvquant.py [--skip-e2e] [--json]
 
-1. correctness: quantizing store + paged decode/prefill (int8, int4; fp32 and bf16 queries)
-   against "dequantize, then attend" in float64 (the unquantized paged references), 32/8 heads,
-   head_dim 128, block sizes 16/64, ragged lengths up to 4097; outputs NaN-poisoned.
+1. correctness: quantizing store (online and static; int8 integer zero point, int4 float16
+   zero = the row minimum) kernel vs reference, and paged decode/prefill (int8, int4; fp32 and
+   bf16 queries) against "dequantize, then attend" in float64 (the unquantized paged
+   references), 32/8 heads, head_dim 128, block sizes 16/64, ragged lengths up to 4097, keys
+   shifted off zero as real K is; outputs NaN-poisoned.
 2. paged_decode at B=64, L=2048, 32/8 heads, d=128, block 64: bf16 (kernels/paged_decode.py)
    vs int8/int4 (kernels/paged_decode_quant.py), each at its default and its best of a small
-   sweep (BLOCK_N, warps, float16 "magic" conversion on/off). Bytes read -> GB/s.
+   sweep (BLOCK_N x warps, float16 "magic" codes). Bytes read (codes + scales + zeros) -> GB/s.
    Acceptance (issue 9): int8 >= 1.7x, int4 >= 2.5x faster than bf16.
 3. end-to-end (dummy:llama-3-8b weights made on the GPU): the same cache BYTES for each policy,
-   sized so bf16 holds ~24 sequences; 192 requests of 512 prompt + 256 output tokens.
-Needs torch + triton + labkit only (no network, no GGUF).
+   sized so bf16 holds ~24 sequences; 128 requests of 512 prompt + 256 output tokens.
+Needs torch + triton + labkit only (no network, no GGUF). About 2 minutes on an H100
+(`--skip-e2e`: under one).
 """
 from __future__ import annotations
 
@@ -58,10 +61,44 @@ def quant_cache(lens, block_size, hkv, d, bits, dtype=torch.bfloat16):
     for c in (k, v):
         c.data.random_(0, 256)
         c.scale.fill_(float("nan"))
-    kn = torch.randn(slots.numel(), hkv, d, device=DEV, dtype=dtype) * 2
+    kn = torch.randn(slots.numel(), hkv, d, device=DEV, dtype=dtype) * 2 + 0.5   # off zero, as K
     vn = torch.randn(slots.numel(), hkv, d, device=DEV, dtype=dtype)
     store_kv_quant_triton(kn, vn, k, v, slots)
     return k, v, tables, (kn, vn, slots)
+
+
+def store_check(bits, static) -> tuple:
+    lens, bs, hkv, d = [777, 64, 1], 64, 8, 128
+    nb, _, slots = tables_for(lens, bs)
+    kn = torch.randn(slots.numel(), hkv, d, device=DEV, dtype=torch.bfloat16) * 2 + 0.5
+    vn = torch.randn_like(kn)
+    st = None
+    if static:   # per-head (scale, zero) in the cache's format; a range that clips some values
+        scale = (torch.rand(hkv, device=DEV) * 4 + 2) / (2 ** bits - 1)
+        zero = (torch.randint(100, 156, (hkv,), device=DEV).float() if bits == 8
+                else -torch.rand(hkv, device=DEV) * 3)
+        st = torch.stack([scale, zero], -1).half().float()                   # (Hkv, 2)
+    got = []
+    for store in (store_kv_quant_triton, store_kv_quant_ref):
+        k, v = (QuantKVCache.empty(nb, bs, hkv, d, bits, DEV) for _ in range(2))
+        for c in (k, v):
+            c.data.zero_()
+            c.scale.fill_(float("nan"))
+            c.zero.zero_()
+            c.static = st
+        store(kn, vn, k, v, slots)
+        got.append((k, v))
+    (k, v), (k2, v2) = got
+    def codes(c):   # int4: compare the codes, not the packed bytes (a high nibble off by one
+        return (unpack_int4(c.data) if bits == 4 else c.data).int()   # is a byte off by 16)
+    off = max((codes(a) - codes(b)).abs().max().item() for a, b in ((k, k2), (v, v2)))
+    same = all(torch.equal(a.scale.nan_to_num(-1), b.scale.nan_to_num(-1)) for a, b in ((k, k2), (v, v2)))
+    # int8 zero points may differ by one where -lo/s is a tie (GPU division); int4 zeros are
+    # the row minimum, exact
+    z_off = max((a.zero.float() - b.zero.float()).abs().max().item() for a, b in ((k, k2), (v, v2)))
+    ok = off <= 1 and same and z_off <= (1 if bits == 8 and not static else 0)
+    return (f"store int{bits} {'static' if static else 'online'}",
+            f"codes off <= {off}, zeros off <= {z_off:g}", ok)
 
 
 def dense(c):
@@ -78,17 +115,8 @@ def correctness() -> list[tuple]:
     rows = []
     torch.manual_seed(0)
     for bits in (8, 4):
-        # store: kernel vs reference on the same inputs
-        k, v, tables, (kn, vn, slots) = quant_cache([777, 64, 1], 64, 8, 128, bits)
-        k2, v2 = (QuantKVCache.empty(*k.data.shape[:3], 128, bits, DEV) for _ in range(2))
-        for c in (k2, v2):
-            c.data.random_(0, 256)
-            c.scale.fill_(float("nan"))
-        store_kv_quant_ref(kn, vn, k2, v2, slots)
-        off = max((a.data.int() - b.data.int()).abs().max().item() for a, b in ((k, k2), (v, v2)))
-        same_scale = all(torch.equal(a.scale[a.scale == a.scale], b.scale[b.scale == b.scale])
-                         for a, b in ((k, k2), (v, v2)))
-        rows.append((f"store int{bits}", "codes off by <= 1, scales equal", off <= 1 and same_scale))
+        for static in (False, True):   # store: kernel vs reference on the same inputs and slots
+            rows.append(store_check(bits, static))
         for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
             for lens, bs, hq in (([1, 2048, 777, 4097], 64, 32), ([129] * 64, 16, 24)):
                 k, v, tables, _ = quant_cache(lens, bs, 8, 128, bits, dtype)
@@ -144,18 +172,18 @@ def decode_speed(B=64, L=2048, hq=32, hkv=8, d=128, bs=64) -> list[dict]:
         out.append({"kv": f"int{bits}", "config": "default", "us": t * 1e6, "GBs": byts / t / 1e9,
                     "speedup": base / t})
         best = None
-        for magic in (True, False):
-            for block_n in (32, 64, 128):
-                for warps in (4, 8):
-                    try:
-                        t = bench(lambda: paged_decode_quant_triton(
-                            q, k, v, tables, ctx, scale, block_n=block_n, num_warps=warps, magic=magic))
-                    except Exception as e:                              # e.g. out of shared memory
-                        print(f"  int{bits} magic={magic} BN={block_n} w={warps}: {type(e).__name__}")
-                        continue
-                    print(f"  int{bits} magic={int(magic)} BLOCK_N={block_n:<3} warps={warps}: {t * 1e6:7.1f} us")
-                    if best is None or t < best[0]:
-                        best = (t, f"magic={int(magic)} BN={block_n} w={warps}")
+        # magic codes only: the conversion-instruction path (magic=False) is the slow one by design
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                try:
+                    t = bench(lambda: paged_decode_quant_triton(
+                        q, k, v, tables, ctx, scale, block_n=block_n, num_warps=warps))
+                except Exception as e:                              # e.g. out of shared memory
+                    print(f"  int{bits} BN={block_n} w={warps}: {type(e).__name__}")
+                    continue
+                print(f"  int{bits} BLOCK_N={block_n:<3} warps={warps}: {t * 1e6:7.1f} us")
+                if best is None or t < best[0]:
+                    best = (t, f"BN={block_n} w={warps}")
         out.append({"kv": f"int{bits}", "config": best[1], "us": best[0] * 1e6,
                     "GBs": byts / best[0] / 1e9, "speedup": base / best[0]})
         del k, v
@@ -163,7 +191,7 @@ def decode_speed(B=64, L=2048, hq=32, hkv=8, d=128, bs=64) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- 3. end to end
-def end_to_end(model="dummy:llama-3-8b", seqs_bf16=24, n_req=192, prompt=512, output=256) -> list[dict]:
+def end_to_end(model="dummy:llama-3-8b", seqs_bf16=24, n_req=128, prompt=512, output=256) -> list[dict]:
     from labkit import EngineConfig, GenerationConfig
     from labkit.engine.engine import LLMEngine
     from labkit.engine.kv_cache import bytes_per_token
@@ -212,8 +240,12 @@ def main() -> int:
     t0 = time.time()
     checks = correctness()
     print(f"correctness: {time.time() - t0:.0f} s")
+    t1 = time.time()
     speed = decode_speed()
+    print(f"decode speed: {time.time() - t1:.0f} s")
+    t1 = time.time()
     e2e = [] if a.skip_e2e else end_to_end()
+    print(f"end to end: {time.time() - t1:.0f} s; total {time.time() - t0:.0f} s")
     if a.json:
         print(json.dumps({"checks": checks, "decode": speed, "e2e": e2e}))
     print("\n== correctness (vs dequantize-then-attend, float64)")
@@ -224,7 +256,7 @@ def main() -> int:
     for r in speed:
         print(f"  {r['kv']:<5} {r['config']:<22} {r['us']:8.1f} {r['GBs']:7.0f} {r['speedup']:7.2f}")
     if e2e:
-        print("\n== end to end, dummy:llama-3-8b, equal cache bytes (bf16 ~24 sequences), 192 x (512 + 256)")
+        print("\n== end to end, dummy:llama-3-8b, equal cache bytes (bf16 ~24 sequences), 128 x (512 + 256)")
         print(f"  {'kv':<5} {'blocks':>7} {'peak batch':>10} {'out tok/s':>10} {'x bf16':>7}")
         for r in e2e:
             print(f"  {r['kv']:<5} {r['blocks']:7d} {r['peak_running']:10d} {r['out_tok_s']:10.0f} "

@@ -8,7 +8,7 @@ method of the issue's HF estimates (12.88 / 12.89 / 15.09), one variant at a tim
 
     where K is quantized   after RoPE (what the cache stores) | before RoPE
     group                  per token and head (D values) | per token and group of G channels
-    zero point             integer (the engine's: uint8 beside a float16 scale) | float
+    zero point             integer (the engine's int8: uint8) | float16 minimum (its int4)
     clipping               the range shrunk by a factor r (r = 1: plain min/max)
     K smoothing            K channel pair j, j+D/2 divided by c_j = absmax_j^alpha from the
                            calibration statistics and q multiplied by it: q.k is unchanged, RoPE
@@ -34,36 +34,45 @@ def fake_quant(x, bits, group=0, clip=1.0, int_zero=True):
         x = x.reshape(*shape[:-1], shape[-1] // group, group)
     qmax = 2 ** bits - 1
     lo, hi = x.amin(-1, keepdim=True) * clip, x.amax(-1, keepdim=True) * clip
-    if int_zero:                       # the engine's format: 0 exactly representable
+    if int_zero:                       # the engine's int8 format: 0 exactly representable
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         s = ((hi - lo) / qmax).clamp(min=2 ** -14).half().float()
         z = torch.floor(-lo / s + 0.5).clamp(0, qmax)
         q = (torch.floor(x / s + 0.5) + z).clamp(0, qmax)
         y = (q - z) * s
-    else:                              # float zero (min): LMDeploy's online format
-        s = ((hi - lo) / qmax).clamp(min=1e-8)
-        y = ((x - lo) / s).round().clamp(0, qmax) * s + lo
+    else:                              # float zero = min (the engine's int4, LMDeploy's online)
+        s = ((hi - lo) / qmax).clamp(min=2 ** -14).half().float()
+        m = lo.half().float()          # both stored as float16
+        y = torch.floor((x - m) / s + 0.5).clamp(0, qmax) * s + m
     return y.reshape(shape)
 
 
-VARIANTS = {   # name: (k_bits, v_bits, options)
-    "fp": (0, 0, {}),
-    "fp_smooth1": (0, 0, {"smooth": 1.0}),       # no quantization: must equal fp (q.k unchanged)
-    "int8": (8, 8, {}),
-    "int4": (4, 4, {}),
-    "int4_float_zero": (4, 4, {"int_zero": False}),
-    "int4_k_pre_rope": (4, 4, {"pre_rope": True}),
-    "int4_g32": (4, 4, {"group": 32}),
-    "int4_g16": (4, 4, {"group": 16}),
-    "int4_clip0.9": (4, 4, {"clip": 0.9}),
-    "int4_clip0.95": (4, 4, {"clip": 0.95}),
-    "k8_v4": (8, 4, {}),
-    "k4_v8": (4, 8, {}),
-    "int4_smooth1": (4, 4, {"smooth": 1.0}),
-    "int4_smooth0.5": (4, 4, {"smooth": 0.5}),
-    "int4_smooth1_clip0.95": (4, 4, {"smooth": 1.0, "clip": 0.95}),
-    "int4_smooth0.5_pre_rope": (4, 4, {"smooth": 0.5, "pre_rope": True}),
-}
+def parse_variant(name: str):
+    """'fp' or 'k4v4' plus options joined by '-': fz (float zero), pre (K before RoPE),
+    g32 (groups of 32 channels), clip0.95, smooth0.5 (K smoothing, alpha 0.5).
+    e.g. 'k4v4-fz-smooth0.5' -> (4, 4, {...})."""
+    parts = name.split("-")
+    head = parts[0]
+    kb, vb = (0, 0) if head.startswith("fp") else (int(head[1:head.index("v")]), int(head[head.index("v") + 1:]))
+    opts = {}
+    for p in parts[1:]:
+        if p == "fz":
+            opts["int_zero"] = False
+        elif p == "pre":
+            opts["pre_rope"] = True
+        elif p.startswith("g"):
+            opts["group"] = int(p[1:])
+        elif p.startswith("clip"):
+            opts["clip"] = float(p[4:])
+        elif p.startswith("smooth"):
+            opts["smooth"] = float(p[6:])
+        else:
+            raise ValueError(f"unknown option {p!r} in {name!r}")
+    return kb, vb, opts
+
+
+DEFAULT_VARIANTS = ("fp,fp-smooth1,k8v8,k4v4,k4v4-fz,k4v4-pre,k4v4-g32,k4v4-clip0.9,k8v4,k4v8,"
+                    "k4v4-fz-smooth0.5,k4v4-fz-smooth1,k4v4-fz-clip0.95")
 
 
 def smoothing_factors(stats_dir, alpha: float) -> torch.Tensor:
@@ -126,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stats", help="a `labkit lite calibrate` work dir (for smoothing)")
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=1024)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     a = ap.parse_args(argv)
     from labkit.corpus import pydoc_text, token_chunks
     from labkit.models.llama import LlamaForCausalLM
@@ -137,7 +146,7 @@ def main(argv=None) -> int:
                        a.seqlen, a.chunks)
     rows = []
     for name in a.variants.split(","):
-        kb, vb, opts = VARIANTS[name]
+        kb, vb, opts = parse_variant(name)
         hooks = install(model, kb, vb, opts, a.stats)
         t0 = time.time()
         p = ppl(model, ids)

@@ -141,6 +141,68 @@ def test_kv_qparams_static_int8_in_the_engine(tiny_stats, tmp_path):
     assert not e4.stats()["kv_calibrated"]
 
 
+def test_kv_qparams_static_int4_float_zero_in_the_engine(tiny_stats, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from labkit.config import ConfigError
+    from labkit.quant.calibrate import load_kv_stats
+    from labkit.quant.kv_qparams import qparams_from_stats
+    ws = tmp_path / "ws"
+    shutil.copytree(workspace("tiny-llama"), ws)
+    wdir = ws / "triton_models" / "weights"
+    assert cli_main(["lite", "kv_qparams", str(tiny_stats), str(wdir), "--kv-bits", "4"]) == 0
+    stats = load_kv_stats(tiny_stats)
+    want = qparams_from_stats(stats, 4, False)                               # (L, 2, Hkv, 2)
+    # static int4: zero = the head's calibrated minimum (a float), scale = its range / 15
+    lo = stats["key"]["min"].float().amin(-1)                                # (L, Hkv)
+    torch.testing.assert_close(want[:, 0, :, 1], lo.half().float())
+    assert (want[..., 1] != want[..., 1].round()).any()
+    e = LLMEngine(str(ws), EngineConfig(quant_policy=4, cache_max_entry_count=8, max_batch_size=2,
+                                        session_len=256))
+    assert e.stats()["kv_calibrated"]
+    k1, _ = e.runner.kv_cache[1]
+    torch.testing.assert_close(k1.static, want[1, 0])
+    k1.scale.fill_(float("nan"))
+    out = e.generate(["The Python language"], GenerationConfig(max_new_tokens=4, ignore_eos=True))[0]
+    n = out.num_prompt_tokens + len(out.token_ids) - 1
+    written = ~k1.scale.flatten(0, 1).isnan().any(-1)                       # (slots,)
+    assert int(written.sum()) == n > 0
+    zeros = k1.zero.flatten(0, 1)[written]                                   # (n, Hkv) float16
+    assert torch.equal(zeros.float(), want[1, 0, :, 1].expand(n, -1))
+    # int4 parameters of an older labkit (integer zero point, no kv_zero metadata): refused
+    f = wdir / "kv_qparams.safetensors"
+    from safetensors import safe_open
+    with safe_open(str(f), "pt") as h:
+        meta = {k: v for k, v in h.metadata().items() if k != "kv_zero"}
+    save_file(load_file(str(f)), str(f), metadata=meta)
+    with pytest.raises(ConfigError, match="float16 zero"):
+        LLMEngine(str(ws), EngineConfig(quant_policy=4, cache_max_entry_count=8, session_len=256))
+
+
+@pytest.mark.parametrize("bits,sym", [(8, False), (8, True), (4, False), (4, True)])
+def test_static_params_hold_every_calibration_value(bits, sym):
+    # statistics of known K/V: per head a different spread and offset (head 2 all positive)
+    from kernels.kv_quant import dequantize_ref, quantize_ref
+    from labkit.quant.kv_qparams import qparams_from_stats
+    spread = torch.tensor([1.0, 3.0, 0.2])[:, None]
+    shift = torch.tensor([0.0, -0.5, 5.0])[:, None]
+    x = {w: torch.randn(400, 2, 3, 16) * spread + shift for w in ("key", "value")}  # (N, L, Hkv, D)
+    stats = {w: {"min": t.amin(0), "max": t.amax(0), "absmax": t.abs().amax(0)} for w, t in x.items()}
+    params = qparams_from_stats(stats, bits, sym)                            # (L, 2, Hkv, 2)
+    assert params.shape == (2, 2, 3, 2)
+    for j, w in enumerate(("key", "value")):
+        for layer in range(2):
+            st = params[layer, j]                                            # (Hkv, 2)
+            codes, scale, zero = quantize_ref(x[w][:, layer], bits, st)      # (N, Hkv, D)
+            assert zero.dtype == (torch.uint8 if bits == 8 else torch.float16)
+            err = (dequantize_ref(codes, scale, zero) - x[w][:, layer]).abs()
+            # nothing clipped: every value within half a step (+ float16 rounding of the params)
+            bound = 0.5 * st[:, 0] + stats[w]["absmax"][layer].amax(-1) * 2 ** -8  # (Hkv,)
+            assert (err <= bound[:, None]).all(), (w, layer, (err.amax((0, 2)) / st[:, 0]))
+
+
 def _tree(d):
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in d.rglob("*"))
 

@@ -2,9 +2,10 @@
 
 bytes per token = 2 (K and V) x layers x kv_heads/tp x bytes per (token, head) row
   row, quant_policy 0: head_dim x bytes per element         SmolLM2-135M: 64 x 2 = 128 B in bf16
-  row, quant_policy 8: head_dim int8 codes + 2 B scale + 1 B zero         64 + 3 =  67 B
-  row, quant_policy 4: head_dim / 2 bytes (two int4 codes each) + 3 B     32 + 3 =  35 B
-  SmolLM2-135M (30 layers, 3 KV heads): 23,040 B bf16 (fp32: 46,080 B), 12,060 B int8, 6,300 B int4
+  row, quant_policy 8: head_dim int8 codes + 2 B scale + 1 B zero point   64 + 3 =  67 B
+  row, quant_policy 4: head_dim / 2 bytes (two int4 codes each) + 2 B scale + 2 B zero
+                                                                          32 + 4 =  36 B
+  SmolLM2-135M (30 layers, 3 KV heads): 23,040 B bf16 (fp32: 46,080 B), 12,060 B int8, 6,480 B int4
 The scales and zeros live in a side cache addressed by the same slots (kernels/kv_quant.py),
 so they are counted here and every block holds the same number of tokens at any policy.
 

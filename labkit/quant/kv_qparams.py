@@ -1,11 +1,20 @@
 """`labkit lite kv_qparams`: calibrated (static) int8/int4 KV parameters into a workspace.
 
 From the K/V statistics of `labkit lite calibrate` (per layer, per KV head and channel: the
-min and max over every calibration token), one (scale, zero) per layer, K or V, and KV head:
+min and max over every calibration token), one (scale, zero) per layer, K or V, and KV head,
+in the cache's own format (kernels/kv_quant.py: int8 has an integer zero point, int4 a float
+zero, the minimum):
 
-    asymmetric (default): lo, hi = min(min_c, 0), max(max_c, 0) over the head's channels
-                          scale = (hi - lo) / (2^bits - 1),  zero = round(-lo / scale)
-    symmetric (--kv-sym): scale = absmax / (2^(bits-1) - 1), zero = 2^(bits-1)
+    asymmetric (default): lo, hi = min over the head's channels, max (int8: stretched to hold 0)
+                          scale = (hi - lo) / (2^bits - 1)
+                          zero  = round(-lo / scale) (int8)  |  lo (int4)
+    symmetric (--kv-sym): scale = absmax / (2^(bits-1) - 1)
+                          zero  = 2^(bits-1) (int8)  |  -2^(bits-1) x scale (int4)
+
+Static int4 with a float zero: every token of a head shares one grid of 16 levels,
+x_hat = code x scale + zero, zero = the smallest value calibration saw in that head (any token,
+any channel), scale = its range / 15; so code 0 is the calibrated minimum and code 15 the
+maximum. Symmetric int4 puts the levels at (code - 8) x scale, 0 exactly on the grid.
 
 The store (kernels/kv_quant.py) then quantizes every token of that head with them instead of
 the token's own range (values outside the calibrated range are clipped). They go into one
@@ -13,7 +22,8 @@ file beside the weights, written atomically:
 
     WORKSPACE/triton_models/weights/kv_qparams.safetensors
         layers.{i}.past_kv_qparams.{rank}   (2 [K, V], kv_head_num / num_tp, 2 [scale, zero]) float32
-        metadata: kv_bits, kv_sym, num_tp, num_layer, kv_head_num, size_per_head
+        metadata: kv_bits, kv_zero ("uint8" zero point | "float16" minimum), kv_sym, num_tp,
+                  num_layer, kv_head_num, size_per_head
 
 (lmdeploy 0.1 wrote `layers.{i}.past_kv_scale.{rank}.weight` files of the same role.)
 """
@@ -28,6 +38,7 @@ from labkit.config import ConfigError, ModelConfig
 
 QPARAMS_FILE = "kv_qparams.safetensors"
 KV_BITS = (8, 4)
+KV_ZERO = {8: "uint8", 4: "float16"}   # what the zero column means for each bit width
 
 
 class KVQParamsError(ValueError):
@@ -43,15 +54,15 @@ def qparams_from_stats(stats: dict, bits: int, sym: bool) -> torch.Tensor:
         st = stats[which]
         if sym:
             absmax = st["absmax"].float().amax(-1)                             # (L, Hkv)
-            scale = (absmax / (2 ** (bits - 1) - 1)).clamp(min=2.0 ** -14)
-            zero = torch.full_like(scale, 2 ** (bits - 1))
+            scale = (absmax / (2 ** (bits - 1) - 1)).clamp(min=2.0 ** -14).half().float()
+            zero = torch.full_like(scale, 2 ** (bits - 1)) if bits == 8 else -(2 ** (bits - 1)) * scale
         else:
-            lo = st["min"].float().amin(-1).clamp(max=0)                       # (L, Hkv)
-            hi = st["max"].float().amax(-1).clamp(min=0)
-            scale = ((hi - lo) / qmax).clamp(min=2.0 ** -14)
-            zero = torch.floor(-lo / scale.half().float() + 0.5).clamp(0, qmax)
-        scale = scale.half().float()            # the side cache stores float16: use what it holds
-        out.append(torch.stack([scale, zero], -1))                             # (L, Hkv, 2)
+            lo, hi = st["min"].float().amin(-1), st["max"].float().amax(-1)    # (L, Hkv)
+            if bits == 8:
+                lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+            scale = ((hi - lo) / qmax).clamp(min=2.0 ** -14).half().float()  # as the cache stores it
+            zero = torch.floor(-lo / scale + 0.5).clamp(0, qmax) if bits == 8 else lo
+        out.append(torch.stack([scale, zero.half().float()], -1))              # (L, Hkv, 2)
     return torch.stack(out, 1).contiguous()                                    # (L, 2, Hkv, 2)
 
 
@@ -81,8 +92,8 @@ def write_kv_qparams(work_dir, weights_dir, kv_bits: int = 8, kv_sym: bool = Fal
     per = cfg.num_kv_heads // tp
     tensors = {f"layers.{i}.past_kv_qparams.{r}": params[i, :, r * per:(r + 1) * per].contiguous()
                for i in range(cfg.num_layers) for r in range(tp)}
-    meta = {"kv_bits": str(kv_bits), "kv_sym": str(int(kv_sym)), "num_tp": str(tp),
-            "num_layer": str(cfg.num_layers), "kv_head_num": str(cfg.num_kv_heads),
+    meta = {"kv_bits": str(kv_bits), "kv_zero": KV_ZERO[kv_bits], "kv_sym": str(int(kv_sym)),
+            "num_tp": str(tp), "num_layer": str(cfg.num_layers), "kv_head_num": str(cfg.num_kv_heads),
             "size_per_head": str(cfg.head_dim)}
     dst = wdir / QPARAMS_FILE
     tmp = wdir / f".{QPARAMS_FILE}.partial-{os.getpid()}"
@@ -122,6 +133,11 @@ def read_kv_qparams(workspace, cfg: ModelConfig) -> tuple[torch.Tensor, int] | N
             raise ConfigError(f"{path} is not a kv_qparams file for this model ({e}); rerun "
                               f"`labkit lite kv_qparams` or delete it") from None
     params = torch.stack(layers)                                               # (L, 2, Hkv, 2)
+    if bits in KV_ZERO and meta.get("kv_zero", "uint8") != KV_ZERO[bits]:
+        # int4 files of an older labkit hold an integer zero point, not the float minimum
+        raise ConfigError(f"{path} holds int{bits} parameters with a {meta.get('kv_zero', 'uint8')} "
+                          f"zero; this labkit's int{bits} cache needs a {KV_ZERO[bits]} zero: rerun "
+                          f"`labkit lite kv_qparams`")
     if params.shape != (cfg.num_layers, 2, cfg.num_kv_heads, 2) or bits not in KV_BITS:
         raise ConfigError(f"{path} holds parameters of shape {tuple(params.shape)} for int{bits}; "
                           f"this model needs ({cfg.num_layers}, 2, {cfg.num_kv_heads}, 2): rerun "
