@@ -20,6 +20,7 @@ from kernels.paged_decode_batched import paged_decode_batched
 from kernels.paged_decode_quant import paged_decode_quant_ref
 from kernels.paged_prefill_quant import paged_prefill_quant_ref
 from labkit.layers.backend_quant import TritonKVQuantOps
+from labkit.layers.cpu_linear import cpu_linear
 
 
 class TorchBackend:
@@ -27,7 +28,7 @@ class TorchBackend:
     name = "torch"
 
     def linear(self, x, weight, bias=None):
-        return F.linear(x, weight, bias)
+        return cpu_linear(x, weight, bias)        # F.linear, or oneDNN's for bf16 on a CPU
 
     def rms_norm(self, x, weight, eps, residual=None):
         return K.rms_norm_ref(x, weight, eps, residual)

@@ -160,9 +160,12 @@ class LlamaForCausalLM(nn.Module):
         """hidden (..., H) -> logits (..., V), float32; vocab-split across ranks then gathered."""
         if self.output is not None:
             head = self.output.weight                                    # (V/tp, H)
-        else:
-            n = self.cfg.vocab_size // self.tp
-            head = self.tok_embeddings.weight.narrow(0, self.rank * n, n)  # (V/tp, H)
+        else:            # tied: this rank's rows of the embedding, one view kept (a backend
+            head = self.__dict__.get("_tied_head")   # may cache things on the weight it gets)
+            if head is None or head._base is not self.tok_embeddings.weight:
+                n = self.cfg.vocab_size // self.tp
+                head = self.tok_embeddings.weight.narrow(0, self.rank * n, n)  # (V/tp, H)
+                self.__dict__["_tied_head"] = head
         logits = self.backend.linear(hidden, head)                       # (..., V/tp)
         if self.tp > 1:
             import torch.distributed as dist
