@@ -6,24 +6,34 @@ are turned back into numbers in registers, right after the load, and never writt
 
 Storage (one linear layer, N = out_features, K = in_features, G = group size, G | K):
 
-    qweight  (N, K/2) uint8     two 4-bit codes per byte, along K:
-                                  byte qweight[n, b], bit 7 ......... bit 0
-                                                      [ q[n, 2b+1] | q[n, 2b] ]
-                                  low nibble = even k, high nibble = odd k; codes 0..15
+    qweight  (N, K/2) uint8     two 4-bit codes per byte, in units of 32 columns (16 bytes):
+                                  byte 16u + j of a row (u = unit, 0 <= j < 16),
+                                  bit 7 ............... 4 | 3 ............... 0
+                                  [  q[n, 32u + 16 + j]   |   q[n, 32u + j]   ]
+                                  low nibbles: the unit's first 16 columns, high nibbles:
+                                  its last 16; codes 0..15. K must be a multiple of 32.
     scales   (N, K/G) float     one scale per row and group of G consecutive k
     zeros    (N, K/G) uint8     one integer zero point per row and group, 0..15
 
     W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]
 
-Rows stay contiguous along K like a torch (out, in) weight, so a column-parallel split takes
-rows and a row-parallel split takes columns (a multiple of G) of all three tensors.
+Rows stay contiguous along K like a torch (out, in) weight, and a unit never straddles a group
+(G >= 32), so a column-parallel split takes rows and a row-parallel split takes columns (a
+multiple of G) of all three tensors.
 
-The Triton kernel walks K in tiles of BLOCK_K (<= G, or a multiple of G): it loads a
-(BLOCK_N, BLOCK_K/2) byte tile, splits each byte into its two nibbles (`& 15`, `>> 4`),
-interleaves them back into K order (`tl.join` + reshape), subtracts the zero, multiplies by
-the scale in float32, rounds to x's dtype and feeds `tl.dot`. Two launch shapes:
+Why units of 32 and not "low nibble = even k": the kernel reads a byte tile as two planes,
+the low nibbles and the high nibbles, and multiplies each by the matching columns of x. With
+this layout those columns come in runs of 16 (32 bytes of bf16), which load as vectors; with
+even/odd packing they would be every other element, or the nibbles would have to be
+interleaved back into K order in registers. Both measured slower on the H100 (docs/PERF.md).
 
-    small M (decode, M <= 16): BLOCK_M = 16 rows of x padded, narrow BLOCK_N, and split-K
+The Triton kernel walks K in tiles of BLOCK_K columns (a multiple of 32): it loads the
+(BLOCK_N, BLOCK_K/2) byte tile, splits it into the two nibble planes (`& 15`, `>> 4`),
+dequantizes each in registers, (q - z) * s in float32 rounded to x's dtype (the scale and zero
+of each byte's group: one (BLOCK_N,) vector when the tile lies inside one group), and feeds
+both planes with their halves of x to `tl.dot`. One kernel, two launch shapes:
+
+    small M (decode, M <= 16): x padded to BLOCK_M = 16 rows for the tensor cores, and split-K
         (SPLIT_K programs share the K range of one column block; fp32 partial sums are added
         by a second small kernel) so enough programs stream the weights at once;
     large M (prefill): BLOCK_M x BLOCK_N tiles, no split, like a plain GEMM.
@@ -47,18 +57,23 @@ GROUP_SIZES = (32, 64, 128)
 
 
 # ---------------------------------------------------------------------------- layout in torch
+UNIT = 32           # columns per packing unit (the layout above)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q (N, K) integer codes 0..15 -> qweight (N, K/2) uint8, low nibble = even k."""
-    if q.shape[-1] % 2:
-        raise ValueError(f"in_features={q.shape[-1]} must be even to pack two codes per byte")
-    q = q.to(torch.uint8)
-    return q[:, 0::2] | (q[:, 1::2] << 4)                          # (N, K/2)
+    """q (N, K) integer codes 0..15 -> qweight (N, K/2) uint8 in the layout above."""
+    N, K = q.shape
+    if K % UNIT:
+        raise ValueError(f"in_features={K} must be a multiple of {UNIT} to pack int4 weights")
+    u = q.to(torch.uint8).view(N, K // UNIT, 2, UNIT // 2)          # (N, units, lo/hi, 16)
+    return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(N, K // 2)     # (N, K/2)
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """qweight (N, K/2) uint8 -> q (N, K) uint8 codes (the inverse of pack_int4)."""
-    lo, hi = qweight & 15, qweight >> 4                            # (N, K/2) each
-    return torch.stack([lo, hi], dim=-1).flatten(-2)               # (N, K): lo, hi, lo, hi, ...
+    N, B = qweight.shape
+    p = qweight.view(N, B // (UNIT // 2), UNIT // 2)                # (N, units, 16)
+    return torch.stack([p & 15, p >> 4], dim=2).reshape(N, 2 * B)   # (N, K)
 
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -82,43 +97,65 @@ def w4a16_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                   stride_xm, stride_qn, stride_sn, stride_ym, stride_ysplit,
                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    # a tile of BLOCK_K columns covers GPT groups of SUB columns (GPT = 1 when BLOCK_K <= G)
-    SUB: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
-    GPT: tl.constexpr = BLOCK_K // SUB
+                  BLOCK_K: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr,
+                  DOT: tl.constexpr):
+    HALF: tl.constexpr = BLOCK_K // 2                              # bytes of a tile per row
     pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                    # (BM,) rows of x
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                    # (BN,) output features
     m_ok, n_ok = m < M, n < N
     n64 = n.to(tl.int64)
-    kb = tl.arange(0, BLOCK_K // 2)                                # (BK/2,) bytes of a tile
-    kx = tl.arange(0, BLOCK_K)                                     # (BK,) columns of a tile
-    gi = tl.arange(0, GPT)                                         # (GPT,) groups of a tile
+    j = tl.arange(0, HALF)                                         # (HALF,) bytes of a tile
+    col = 32 * (j // 16) + j % 16                                  # (HALF,) low nibble's column
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_begin = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        # packed weights: (BN, BK/2) bytes -> two (BN, BK/2) nibble planes -> (BN, BK) codes
-        b_ok = (k0 // 2 + kb) < K // 2
-        packed = tl.load(qw_ptr + n64[:, None] * stride_qn + (k0 // 2 + kb)[None, :],
-                         mask=n_ok[:, None] & b_ok[None, :], other=0)
-        lo = (packed & 15).to(tl.int32)
-        hi = ((packed >> 4) & 15).to(tl.int32)
-        q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))        # (BN, BK) in K order
-        # the tile's GPT groups: scale and zero per (row, group), broadcast over SUB columns
-        g = k0 // GROUP + gi                                       # (GPT,)
-        g_ok = n_ok[:, None] & (g < K // GROUP)[None, :]
-        s = tl.load(s_ptr + n64[:, None] * stride_sn + g[None, :], mask=g_ok, other=0.0)
-        z = tl.load(z_ptr + n64[:, None] * stride_sn + g[None, :], mask=g_ok, other=0)
-        q3 = tl.reshape(q, (BLOCK_N, GPT, SUB))                    # (BN, GPT, SUB)
-        w3 = (q3 - z.to(tl.int32)[:, :, None]).to(tl.float32) * s.to(tl.float32)[:, :, None]
-        w = tl.reshape(w3, (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty)   # (BN, BK)
-        x = tl.load(x_ptr + m[:, None] * stride_xm + (k0 + kx)[None, :],
-                    mask=m_ok[:, None] & ((k0 + kx) < K)[None, :], other=0.0)  # (BM, BK)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")  # fp32: no TF32 rounding
+        k_ok = (k0 + col) < k_end                                  # (HALF,) whole units
+        w_ok = n_ok[:, None] & k_ok[None, :]
+        packed = tl.load(qw_ptr + n64[:, None] * stride_qn + (k0 // 2 + j)[None, :],
+                         mask=w_ok, other=0)                       # (BN, HALF) uint8
+        if BLOCK_K <= GROUP:                                       # the tile is in one group
+            g_ptr = n64 * stride_sn + k0 // GROUP                  # (BN,)
+            s = tl.load(s_ptr + g_ptr, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(z_ptr + g_ptr, mask=n_ok, other=0).to(tl.float32)[:, None]
+        else:                                                      # each byte's own group
+            g_ptr = n64[:, None] * stride_sn + ((k0 + col) // GROUP)[None, :]
+            s = tl.load(s_ptr + g_ptr, mask=w_ok, other=0.0).to(tl.float32)   # (BN, HALF)
+            z = tl.load(z_ptr + g_ptr, mask=w_ok, other=0).to(tl.float32)
+        lo = packed & 15
+        hi = packed >> 4
+        if MAGIC:     # int -> float without a conversion instruction: 2^23 + q from its bits
+            lo_f = (lo.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            hi_f = (hi.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         else:
-            acc += tl.dot(x, tl.trans(w))                          # (BM, BN) fp32
+            lo_f = lo.to(tl.float32)
+            hi_f = hi.to(tl.float32)
+        xp = x_ptr + m[:, None] * stride_xm + (k0 + col)[None, :]
+        x_ok = m_ok[:, None] & k_ok[None, :]
+        x_lo = tl.load(xp, mask=x_ok, other=0.0)                   # (BM, HALF) runs of 16
+        x_hi = tl.load(xp + 16, mask=x_ok, other=0.0)
+        if not DOT:   # a few rows (decode): FMAs on CUDA cores, no tensor-core staging
+            x_lo = x_lo.to(tl.float32)
+            x_hi = x_hi.to(tl.float32)
+            if BLOCK_K <= GROUP:   # s * (sum q x - z sum x): 2 ops per code instead of 4
+                qx = tl.sum(lo_f[None, :, :] * x_lo[:, None, :], 2)
+                qx += tl.sum(hi_f[None, :, :] * x_hi[:, None, :], 2)      # (BM, BN)
+                xs = tl.sum(x_lo + x_hi, 1)                                # (BM,)
+                acc += tl.reshape(s, (BLOCK_N,))[None, :] * (
+                    qx - xs[:, None] * tl.reshape(z, (BLOCK_N,))[None, :])
+            else:
+                acc += tl.sum(((lo_f - z) * s)[None, :, :] * x_lo[:, None, :], 2)
+                acc += tl.sum(((hi_f - z) * s)[None, :, :] * x_hi[:, None, :], 2)
+        else:         # tensor cores: dequantize both planes to x's dtype, two dots
+            w_lo = ((lo_f - z) * s).to(x_ptr.dtype.element_ty)     # (BN, HALF)
+            w_hi = ((hi_f - z) * s).to(x_ptr.dtype.element_ty)
+            if IEEE:                                               # fp32: no TF32 rounding
+                acc += tl.dot(x_lo, tl.trans(w_lo), input_precision="ieee")
+                acc += tl.dot(x_hi, tl.trans(w_hi), input_precision="ieee")
+            else:
+                acc += tl.dot(x_lo, tl.trans(w_lo))                # (BM, BN) fp32
+                acc += tl.dot(x_hi, tl.trans(w_hi))
     y = y_ptr + pid_s.to(tl.int64) * stride_ysplit + m[:, None] * stride_ym + n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -141,19 +178,21 @@ SMALL_M = 16        # up to this many rows: the split-K decode shape
 
 
 def _config(M: int, N: int, K: int, group: int) -> dict:
-    """Tile sizes. The interpreter gets small tiles; GPU values are a starting point that
-    scripts/gpu_w4a16.py sweeps on an H100 (docs/PERF.md records the result)."""
+    """Tile sizes: the winners of scripts/gpu_w4a16.py's sweep on an H100 (docs/PERF.md);
+    the interpreter gets small tiles."""
     if interpreted():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(group, 64), SPLIT_K=1, num_warps=1,
                     num_stages=1)
+    bk = 128 if group >= 128 else group * (128 // group)           # one group or whole groups
     if M <= SMALL_M:
-        bn = 32 if N >= 8192 else 16
+        bn = 128 if max(N, K) >= 8192 else 64
         tiles = triton.cdiv(N, bn)
-        # enough programs to keep every SM streaming (~4 per SM on 132 SMs), K tiles >= 4 each
-        split = max(1, min(16, 512 // tiles, K // (4 * 128)))
-        return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, num_warps=4, num_stages=4)
+        # about two waves of programs on 132 SMs, at least 4 K tiles each
+        split = max(1, min(K // (4 * bk), round(2 * 132 / tiles)))
+        return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=3)
     if M <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=32 if N < 8192 else 64, BLOCK_N=64 if N < 14336 else 128,
+                    BLOCK_K=bk, SPLIT_K=2, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3)
 
 
@@ -186,11 +225,11 @@ def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         x2 = x2.contiguous()
     M = x2.shape[0]
     N = check_int4_shapes(K, qweight, scales, zeros, group_size)
-    cfg = {**_config(M, N, K, group_size), **config}
+    cfg = {"MAGIC": True, "DOT": True, **_config(M, N, K, group_size), **config}
     bm, bn, bk, split = (cfg.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
-    if not (bk % group_size == 0 or group_size % bk == 0) or bk < 16:
-        raise ValueError(f"BLOCK_K={bk} must be >= 16 and divide or be a multiple of "
-                         f"group_size={group_size}")
+    if bk % UNIT or not (bk % group_size == 0 or group_size % bk == 0):
+        raise ValueError(f"BLOCK_K={bk} must be a multiple of {UNIT} and divide or be a "
+                         f"multiple of group_size={group_size}")
     y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y.view(*lead, N)

@@ -59,7 +59,8 @@ def main() -> int:
          "--max-batch-size", str(args.max_batch_size), "--session-len", "2048",
          "--cache-max-entry-count", "0.5", "--max-waiting-requests", "100000"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"))
+        env=dict(os.environ, PYTHONUNBUFFERED="1",
+                 PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])))
     try:
         t0 = time.time()
         while True:

@@ -237,3 +237,30 @@ def test_bench_throughput_tp2(tiny_llama_dir):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["tp"] == 2 and 4 * 4 <= result["labkit"]["output_tokens"] <= 4 * 8
     assert result["labkit"]["output_tok_s"] > 0 and result["labkit_batch1"]["output_tokens"] == 4
+
+
+def test_api_server_tp3_equals_pipeline_tp1():
+    # The official openai client against `labkit serve api_server --tp 3` (3 rank processes):
+    # greedy chat completions equal the tp=1 pipeline's text; SIGTERM leaves no rank behind.
+    from openai import OpenAI
+
+    from tests.serve_helpers import ServerProcess
+    ws = workspace("smollm2-135m")
+    kw = dict(session_len=256, max_batch_size=4, cache_max_entry_count=32, dtype="float32")
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    with pipeline(str(ws), backend_config=EngineConfig(**kw)) as pipe:
+        want = [r.text for r in pipe(prompts, gen_config=GenerationConfig(max_new_tokens=12))]
+    server = ServerProcess(ws, "--tp", 3, "--session-len", 256, "--max-batch-size", 4,
+                           "--cache-max-entry-count", 32, "--dtype", "float32")
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        model = client.models.list().data[0].id
+        got = [client.chat.completions.create(model=model, max_tokens=12, temperature=0,
+                                              messages=[{"role": "user", "content": p}])
+               .choices[0].message.content for p in prompts]
+        ranks = children(server.proc.pid)
+        assert len(ranks) >= 2, f"expected the tp ranks as children, got {ranks}"
+    finally:
+        server.stop()
+    assert got == want
+    assert wait_gone(ranks) == []

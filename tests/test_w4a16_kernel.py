@@ -47,15 +47,18 @@ def reference64(x, q, scales, zeros, G):
 
 # ---------------------------------------------------------------------------- layout
 def test_packing_bit_by_bit():
-    q = torch.randint(0, 16, (3, 10), dtype=torch.uint8)
+    q = torch.randint(0, 16, (3, 96), dtype=torch.uint8)
     packed = pack_int4(q)
-    assert packed.shape == (3, 5) and packed.dtype == torch.uint8
+    assert packed.shape == (3, 48) and packed.dtype == torch.uint8
     for n in range(3):
-        for b in range(5):
+        for b in range(48):
+            unit, j = divmod(b, 16)                             # 16 bytes per unit of 32 columns
             byte = int(packed[n, b])
-            assert byte & 0x0F == int(q[n, 2 * b])          # bits 0..3: even k
-            assert byte >> 4 == int(q[n, 2 * b + 1])        # bits 4..7: odd k
+            assert byte & 0x0F == int(q[n, 32 * unit + j])      # bits 0..3: the unit's first half
+            assert byte >> 4 == int(q[n, 32 * unit + 16 + j])   # bits 4..7: its second half
     assert torch.equal(unpack_int4(packed), q)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_int4(torch.zeros(2, 48, dtype=torch.uint8))
 
 
 def test_dequantize_matches_formula():
@@ -83,6 +86,9 @@ CASES = [  # M, N, K, G, launch overrides (None: the launcher's own choice)
     (2, 64, 224, 32, dict(SPLIT_K=2, BLOCK_K=128, BLOCK_N=32)),  # split-K with a K tail
     (37, 40, 128, 32, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64)),  # tiled path, M tail
     (70, 24, 64, 64, dict(BLOCK_M=64, BLOCK_N=16)),          # several M tiles
+    (1, 40, 256, 128, dict(DOT=False, BLOCK_M=1)),           # CUDA-core path, zero factored out
+    (3, 33, 256, 64, dict(DOT=False, BLOCK_M=4, BLOCK_K=128, SPLIT_K=2)),  # ... a group per byte
+    (2, 24, 96, 32, dict(MAGIC=False)),                      # int->float by conversion
 ]
 
 
@@ -143,3 +149,15 @@ def test_kernel_real_shapes_gpu(K, N, M):
     want = reference64(x, q, s, z, G)
     err = (y.double().cpu() - want).abs().max() / want.abs().max()
     assert not y.isnan().any() and err < 1e-2
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,G", [(1, 64), (16, 32), (64, 64)])
+def test_kernel_other_groups_gpu(M, G):
+    K, N = 4096, 11008
+    q, qw, s, z = random_int4(N, K, G, torch.bfloat16)
+    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    y = w4a16_linear_triton(x, qw, s, z, G)
+    want = reference64(x, q, s, z, G)
+    assert ((y.double().cpu() - want).abs().max() / want.abs().max()) < 1e-2

@@ -3,7 +3,9 @@
     step = schedule -> run -> postprocess
 
 `add_request` tokenizes and queues a request; `step` runs one batch (a prefill or a decode
-step for every running sequence) and returns what each request produced; `abort` drops a
+step for every running sequence) and returns what each request produced (every streaming
+request, each step; a request added with stream=False only when it finishes: it skips the
+per-token detokenizing and output building, as vLLM's FINAL_ONLY outputs do); `abort` drops a
 request and frees its KV blocks. Everything else (pipeline, server, chat) is built on these.
 """
 from __future__ import annotations
@@ -122,8 +124,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt, gen_config: GenerationConfig | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request (a string, a list of chat messages or token ids); returns its id."""
+                    request_id: str | None = None, stream: bool = True) -> str:
+        """Queue a request (a string, a list of chat messages or token ids); returns its id.
+        stream=False: `step` returns its output only when it finishes."""
         gc = gen_config or GenerationConfig()
         if not isinstance(gc, GenerationConfig):
             raise ValueError("gen_config must be a labkit.GenerationConfig")
@@ -141,7 +144,7 @@ class LLMEngine:
         if rid in self.seqs:
             raise ValueError(f"request_id={rid!r} is already in use")
         seq = Sequence(ids, gc, ec.cache_block_seq_len, request_id=rid,
-                       generator=make_generator(gc.random_seed, self.device))
+                       generator=make_generator(gc.random_seed, self.device), stream=stream)
         stop = StopChecker(self.tokenizer, gc, len(ids), ec.session_len)
         seq.stop_ids = stop.stop_ids
         self.seqs[rid], self.stoppers[rid] = seq, stop
@@ -178,12 +181,12 @@ class LLMEngine:
         self.scheduler.postprocess(batch)
         self.num_steps += 1
         outs = [out for seq in batch.seqs if seq.seq_id in sampled
-                for out in [self._on_token(seq, sampled[seq.seq_id])]]
+                for out in [self._on_token(seq, sampled[seq.seq_id])] if out is not None]
         # host time outside the runner: scheduling, block bookkeeping, stop checks, detokenizing
         self.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
         return outs
 
-    def _on_token(self, seq: Sequence, token: int) -> RequestOutput:
+    def _on_token(self, seq: Sequence, token: int) -> RequestOutput | None:
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
         seq.append_token(token)
@@ -193,6 +196,8 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             return self._finish_output(seq, [token])
+        if not seq.stream:
+            return None
         delta = stop.take_delta()
         return RequestOutput(seq.request_id, stop.text, delta, seq.output_token_ids, [token],
                              seq.num_prompt_tokens, num_prefix_hit_tokens=seq.num_prefix_hit_tokens)
@@ -213,7 +218,7 @@ class LLMEngine:
     def generate(self, prompts: list, gen_config: GenerationConfig | list | None = None) -> list[RequestOutput]:
         """Run prompts to completion together (one continuous batch); outputs in input order."""
         gcs = gen_config if isinstance(gen_config, list) else [gen_config] * len(prompts)
-        ids = [self.add_request(p, g) for p, g in zip(prompts, gcs)]
+        ids = [self.add_request(p, g, stream=False) for p, g in zip(prompts, gcs)]
         done: dict[str, RequestOutput] = {}
         while self.has_unfinished():
             for out in self.step():
