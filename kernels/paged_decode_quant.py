@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import require_triton, tl, triton
-from kernels.kv_quant import QuantKVCache, attend_quant_tile, gather_dequant, load_query_halves
+from kernels.kv_quant import (QuantKVCache, _scale_and_zero, attend_quant_tile, gather_dequant,
+                              load_code_halves, load_query_halves)
 from kernels.paged_decode import _reduce_splits_kernel, decode_num_splits
 from kernels.paged_kv import attend_ref
 
@@ -50,6 +51,42 @@ def paged_decode_quant_ref(
 
 # ----------------------------------------------------------------------------- Triton
 @triton.jit
+def _codes_f32(c):
+    """uint8 codes -> float32 without an int->float conversion instruction: 0x4B000000 | c is
+    the float 2^23 + c, exactly; one integer OR and one exact subtraction."""
+    return (c.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _attend_quant_tile_fma(q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid,
+                           kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, qk_scale,
+                           D: tl.constexpr, BITS: tl.constexpr):
+    """attend_quant_tile on CUDA cores (DOT=False, an experiment): the few query rows of a GQA
+    group (M = next power of 2 of the group, no padding to 16 for tl.dot) against BN tokens as
+    broadcast multiply-adds in float32; same algebra (scale and zero folded in per token)."""
+    k_s, k_zc = _scale_and_zero(ks_ptr, kz_ptr, rows, valid, 0.0, BITS)        # (BN,) x2
+    k_lo, k_hi = load_code_halves(kd_ptr, rows, valid, D, BITS, False)         # (BN, D/2) uint8
+    qc = tl.sum(q_lo[:, None, :] * _codes_f32(k_lo)[None, :, :], 2)
+    qc += tl.sum(q_hi[:, None, :] * _codes_f32(k_hi)[None, :, :], 2)           # (M, BN) q . c
+    qk = (qc - q_sum[:, None] * k_zc[None, :]) * (k_s * qk_scale)[None, :]
+    qk = tl.where(valid[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))                                     # (M,)
+    m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+    p = tl.math.exp2(qk - m_use[:, None])                                      # (M, BN)
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_s, v_zc = _scale_and_zero(vs_ptr, vz_ptr, rows, valid, 0.0, BITS)
+    v_lo, v_hi = load_code_halves(vd_ptr, rows, valid, D, BITS, False)
+    ps = p * v_s[None, :]                                                      # (M, BN)
+    corr = tl.sum(ps * v_zc[None, :], 1)                                       # (M,)
+    pv_lo = tl.sum(ps[:, :, None] * _codes_f32(v_lo)[None, :, :], 1)           # (M, D/2)
+    pv_hi = tl.sum(ps[:, :, None] * _codes_f32(v_hi)[None, :, :], 1)
+    acc_lo = acc_lo * alpha[:, None] + pv_lo - corr[:, None]
+    acc_hi = acc_hi * alpha[:, None] + pv_hi - corr[:, None]
+    return m_new, l_i, acc_lo, acc_hi
+
+
+@triton.jit
 def _decode_quant_kernel(
     q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, tables_ptr, lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -57,7 +94,7 @@ def _decode_quant_kernel(
     stride_qb, stride_qh, stride_tb, stride_ob, stride_oh,
     BLOCK_SIZE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
     GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BITS: tl.constexpr, MAGIC: tl.constexpr, IEEE: tl.constexpr,
+    BITS: tl.constexpr, MAGIC: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     b = tl.program_id(0)
@@ -74,6 +111,8 @@ def _decode_quant_kernel(
     heads = h * GROUP + g                                        # (GP,) query head ids
     q_lo, q_hi, q_sum = load_query_halves(q_ptr + b * stride_qb + heads[:, None] * stride_qh,
                                           gm[:, None], D, MAGIC)  # (GP, HALF) x2, (GP,)
+    if not DOT:
+        q_lo, q_hi = q_lo.to(tl.float32), q_hi.to(tl.float32)
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)          # running max (log2 domain)
     l_i = tl.zeros([GROUP_P], tl.float32)                        # running sum of exp2
     acc_lo = tl.zeros([GROUP_P, HALF], tl.float32)               # running p @ V, two halves
@@ -83,9 +122,14 @@ def _decode_quant_kernel(
         valid = t < end
         blk = tl.load(tables_ptr + b * stride_tb + t // BLOCK_SIZE, mask=valid, other=0)
         rows = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * HKV + h  # (BN,) cache rows
-        m_i, l_i, acc_lo, acc_hi = attend_quant_tile(
-            q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid, valid[None, :],
-            kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, qk_scale, D, BITS, MAGIC, IEEE, True)
+        if DOT:
+            m_i, l_i, acc_lo, acc_hi = attend_quant_tile(
+                q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid, valid[None, :],
+                kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, qk_scale, D, BITS, MAGIC, IEEE, True)
+        else:
+            m_i, l_i, acc_lo, acc_hi = _attend_quant_tile_fma(
+                q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid,
+                kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, qk_scale, D, BITS)
     l_safe = tl.where(l_i > 0, l_i, 1.0)                         # empty range: zeros, not NaN
     o_lo = acc_lo / l_safe[:, None]                              # (GP, HALF)
     o_hi = acc_hi / l_safe[:, None]
@@ -106,12 +150,13 @@ def _decode_quant_kernel(
 
 def paged_decode_quant_triton(q, k_cache: QuantKVCache, v_cache: QuantKVCache, block_tables,
                               context_lens, scale, num_splits: int | None = None,
-                              block_n: int | None = None, num_warps: int = 4,
+                              block_n: int | None = None, num_warps: int | None = None,
                               num_stages: int = 2, magic: bool | None = None,
-                              out: torch.Tensor | None = None) -> torch.Tensor:
+                              out: torch.Tensor | None = None, dot: bool = True) -> torch.Tensor:
     """Same contract as `paged_decode_quant_ref`; one launch (two with split-KV), no host sync.
     `magic` (default: for 16-bit q) turns codes into float16 without conversion instructions;
-    `out` (B, Hq, D), when given, receives the result (tests poison it first)."""
+    `out` (B, Hq, D), when given, receives the result (tests poison it first); `dot=False`
+    (an experiment, scripts/gpu_kvquant.py times it) does the products on CUDA cores."""
     require_triton()
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.data.shape
@@ -122,9 +167,11 @@ def paged_decode_quant_triton(q, k_cache: QuantKVCache, v_cache: QuantKVCache, b
         return out
     group = Hq // Hkv
     splits = num_splits or decode_num_splits(B, Hkv, q.device)
-    magic = q.dtype != torch.float32 if magic is None else magic
-    if block_n is None:
-        block_n = 64 if D >= 128 or not magic else 128
+    magic = (q.dtype != torch.float32 if magic is None else magic) and dot
+    if block_n is None:     # float32 tiles (no magic) take twice the registers: smaller tiles
+        block_n = 128 if magic else 64
+    if num_warps is None:   # H100, B=64 L=2048 32/8 d=128 (docs/PERF.md): 128 x 8 warps 1.4x 64 x 4
+        num_warps = 8 if magic and D >= 128 else 4
     if splits > 1:
         part_out = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
@@ -136,8 +183,9 @@ def paged_decode_quant_triton(q, k_cache: QuantKVCache, v_cache: QuantKVCache, b
         scale * 1.4426950408889634, q.stride(0), q.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         BLOCK_SIZE=block_size, HKV=Hkv, D=D, GROUP=group,
-        GROUP_P=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=splits,
-        BITS=k_cache.bits, MAGIC=magic, IEEE=not magic and q.dtype == torch.float32,
+        GROUP_P=max(16 if dot else 1, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        NUM_SPLITS=splits, BITS=k_cache.bits, MAGIC=magic, DOT=dot,
+        IEEE=not magic and q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _reduce_splits_kernel[(B, Hq)](part_out, part_lse, out, out.stride(0), out.stride(1),

@@ -10,7 +10,8 @@ bf16, and end-to-end throughput when the cache limits the batch. Prints a table 
    shifted off zero as real K is; outputs NaN-poisoned.
 2. paged_decode at B=64, L=2048, 32/8 heads, d=128, block 64: bf16 (kernels/paged_decode.py)
    vs int8/int4 (kernels/paged_decode_quant.py), each at its default and its best of a small
-   sweep (BLOCK_N x warps, float16 "magic" codes). Bytes read (codes + scales + zeros) -> GB/s.
+   sweep (BLOCK_N x warps; tl.dot on float16 "magic" codes, or dot=False: CUDA-core float32
+   multiply-adds). Bytes read (codes + scales + zeros) -> GB/s.
    Acceptance (issue 9): int8 >= 1.7x, int4 >= 2.5x faster than bf16.
 3. end-to-end (dummy:llama-3-8b weights made on the GPU): the same cache BYTES for each policy,
    sized so bf16 holds ~24 sequences; 128 requests of 512 prompt + 256 output tokens.
@@ -123,11 +124,12 @@ def correctness() -> list[tuple]:
                 ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
                 q = torch.randn(len(lens), hq, 128, device=DEV, dtype=dtype)
                 want = paged_decode_ref(q.double(), dense(k), dense(v), tables, ctx, 128 ** -0.5)
-                got = paged_decode_quant_triton(q, k, v, tables, ctx, 128 ** -0.5,
-                                                out=torch.full_like(q, float("nan")))
-                e = err(got, want)
-                rows.append((f"decode int{bits} {str(dtype)[6:]} bs{bs} Hq{hq}", f"rel err {e:.1e}",
-                             e < tol and not got.isnan().any().item()))
+                for dot in (True, False):      # dot=False: the CUDA-core experiment
+                    got = paged_decode_quant_triton(q, k, v, tables, ctx, 128 ** -0.5, dot=dot,
+                                                    out=torch.full_like(q, float("nan")))
+                    e = err(got, want)
+                    rows.append((f"decode{'' if dot else ' fma'} int{bits} {str(dtype)[6:]} bs{bs} Hq{hq}",
+                                 f"rel err {e:.1e}", e < tol and not got.isnan().any().item()))
             q_lens, prefix = [1000, 17, 1, 513], [0, 2048, 300, 64]
             ctx_l = [a + b for a, b in zip(q_lens, prefix)]
             k, v, tables, _ = quant_cache(ctx_l, 64, 8, 128, bits, dtype)
@@ -172,18 +174,22 @@ def decode_speed(B=64, L=2048, hq=32, hkv=8, d=128, bs=64) -> list[dict]:
         out.append({"kv": f"int{bits}", "config": "default", "us": t * 1e6, "GBs": byts / t / 1e9,
                     "speedup": base / t})
         best = None
-        # magic codes only: the conversion-instruction path (magic=False) is the slow one by design
-        for block_n in (32, 64, 128):
-            for warps in (4, 8):
-                try:
-                    t = bench(lambda: paged_decode_quant_triton(
-                        q, k, v, tables, ctx, scale, block_n=block_n, num_warps=warps))
-                except Exception as e:                              # e.g. out of shared memory
-                    print(f"  int{bits} BN={block_n} w={warps}: {type(e).__name__}")
-                    continue
-                print(f"  int{bits} BLOCK_N={block_n:<3} warps={warps}: {t * 1e6:7.1f} us")
-                if best is None or t < best[0]:
-                    best = (t, f"BN={block_n} w={warps}")
+        # tl.dot with magic codes (the conversion-instruction path, magic=False, is the slow one
+        # by design), and the CUDA-core experiment (dot=False: float32 multiply-adds, no padding
+        # of the 4-head GQA group to 16 rows)
+        configs = [(True, bn, w) for bn in (32, 64, 128) for w in (4, 8)]
+        configs += [(False, bn, w) for bn in (32, 64) for w in (4, 8)]
+        for dot, block_n, warps in configs:
+            name = f"{'dot' if dot else 'fma'} BN={block_n} w={warps}"
+            try:
+                t = bench(lambda: paged_decode_quant_triton(
+                    q, k, v, tables, ctx, scale, block_n=block_n, num_warps=warps, dot=dot))
+            except Exception as e:                              # e.g. out of shared memory
+                print(f"  int{bits} {name}: {type(e).__name__}")
+                continue
+            print(f"  int{bits} {name:<18}: {t * 1e6:7.1f} us")
+            if best is None or t < best[0]:
+                best = (t, name)
         out.append({"kv": f"int{bits}", "config": best[1], "us": best[0] * 1e6,
                     "GBs": byts / best[0] / 1e9, "speedup": base / best[0]})
         del k, v

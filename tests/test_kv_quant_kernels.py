@@ -165,6 +165,15 @@ def test_paged_decode_quant_float16_dots(bits):
 
 
 @needs_triton
+@pytest.mark.parametrize("bits,hq,hkv,dtype", [(8, 6, 2, torch.float32), (4, 2, 2, torch.bfloat16),
+                                               (4, 8, 1, torch.float32)])
+def test_paged_decode_quant_cuda_core_variant(bits, hq, hkv, dtype):
+    # dot=False: products as float32 multiply-adds, the GQA group unpadded (an experiment)
+    _check_decode([1, 37, 33], 16, hq, hkv, 32, bits, dtype=dtype, block_n=16, dot=False)
+    _check_decode([50, 9], 16, hq, hkv, 32, bits, dtype=dtype, block_n=16, dot=False, num_splits=3)
+
+
+@needs_triton
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_decode_quant_rows_far_from_zero(bits, dtype):
