@@ -73,15 +73,12 @@ class LLMEngine:
         if ec.quant_policy != 0:
             raise ConfigError(f"quant_policy={ec.quant_policy} is not allowed yet: KV-cache "
                               f"quantization comes with lesson 08; use quant_policy=0")
-        if ec.rope_scaling_factor not in (0, 1) or ec.use_logn_attn:
-            raise ConfigError(f"rope_scaling_factor={ec.rope_scaling_factor}, use_logn_attn="
-                              f"{int(bool(ec.use_logn_attn))} are not allowed yet: dynamic NTK and "
-                              f"logn attention come with lesson 07; use 0 and 0")
         self.device, self.dtype = resolve_device(ec)
         t0 = time.perf_counter()
         self.model = LlamaForCausalLM.from_pretrained(
             model, dtype=self.dtype, device=self.device,
-            max_positions=max(ec.session_len, cfg.max_position_embeddings))
+            max_positions=max(ec.session_len, cfg.max_position_embeddings),
+            rope_scaling_factor=ec.rope_scaling_factor, use_logn_attn=ec.use_logn_attn)
         self.load_seconds = time.perf_counter() - t0
         self.kv_plan = plan_kv_cache(cfg, ec, self.device, self.dtype)
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
