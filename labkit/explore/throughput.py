@@ -11,6 +11,8 @@ as a point with status "not available yet" and the engine's one-line reason, not
 Results are cached as JSON (written atomically) and reused while the settings are the same.
 
 peak memory = the model's weight bytes + the most KV blocks in use at any step x bytes per block.
+All requests arrive at once (an offline burst): time to first token includes the wait in the
+queue, and time per output token is each request's decode time over its tokens after the first.
 """
 from __future__ import annotations
 
@@ -24,15 +26,16 @@ DEFAULTS = dict(batch_sizes=(1, 4, 16), quant_policies=(0, 8, 4), num_requests=1
 NOT_AVAILABLE = "not available yet"
 
 
-def measure_point(model, max_batch_size: int, quant_policy: int, prompts: list[list[int]],
-                  output_len: int, session_len: int) -> dict:
-    """Run the workload once on a fresh engine; one record of what was measured."""
+def measure_point(model, max_batch_size: int, quant_policy: int, prompts: list,
+                  output_len: int, session_len: int, **engine_kw) -> dict:
+    """Run the workload once on a fresh engine (prompts: strings, chats or token ids; other
+    EngineConfig fields in engine_kw); one record of what was measured."""
     from labkit.config import ConfigError, EngineConfig, GenerationConfig
     from labkit.engine.engine import LLMEngine
     rec = {"max_batch_size": max_batch_size, "quant_policy": quant_policy}
     try:
         engine = LLMEngine(model, EngineConfig(max_batch_size=max_batch_size, quant_policy=quant_policy,
-                                               session_len=session_len))
+                                               session_len=session_len, **engine_kw))
     except ConfigError as e:
         return {**rec, "status": NOT_AVAILABLE, "reason": str(e)}
     gc = GenerationConfig(max_new_tokens=output_len, ignore_eos=True)
@@ -40,20 +43,27 @@ def measure_point(model, max_batch_size: int, quant_policy: int, prompts: list[l
     engine.reset_prefix_cache()
     for p in prompts:
         engine.add_request(p, gc)
-    peak_blocks, steps, n_out = 0, 0, 0
+    peak_blocks, steps, n_out, done = 0, 0, 0, []
     t0 = time.perf_counter()
     while engine.has_unfinished():
-        n_out += len(engine.step())
+        outs = engine.step()
+        n_out += len(outs)
+        done += [o for o in outs if o.finished]
         steps += 1
         peak_blocks = max(peak_blocks, engine.block_manager.num_used)
     seconds = time.perf_counter() - t0
+    ttft = sorted(o.metrics["ttft_s"] for o in done)
+    # time per output token after the first, per request (the decode speed a user sees)
+    tpot = sorted((o.metrics["latency_s"] - o.metrics["ttft_s"]) / max(1, len(o.token_ids) - 1) for o in done)
     weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     peak_kv = peak_blocks * engine.kv_plan.bytes_per_block
     st = engine.stats()
     return {**rec, "status": "measured", "seconds": seconds, "output_tokens": n_out,
             "output_tok_s": n_out / seconds, "steps": steps, "weights_bytes": weights,
+            "ttft_p50_s": ttft[len(ttft) // 2], "ttft_max_s": ttft[-1], "tpot_p50_s": tpot[len(tpot) // 2],
             "peak_kv_bytes": peak_kv, "peak_memory_bytes": weights + peak_kv,
             "kv_blocks_total": st["blocks_total"], "preemptions": st["preemptions"],
+            "prefix_hit_tokens": sum(o.num_prefix_hit_tokens for o in done),
             "device": st["device"], "dtype": st["dtype"]}
 
 
