@@ -13,7 +13,7 @@ LAB_IP ?= 127.0.0.1
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.labkit-installed
 
-.PHONY: install lab test course bench clean
+.PHONY: install browser lab test course bench clean
 
 install: $(STAMP)
 
@@ -35,7 +35,18 @@ lab: install $(WORKSPACE)/triton_models/weights/config.ini
 	$(VENV)/bin/jupyter lab --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) --ServerApp.root_dir=notebooks \
 	    $(if $(filter 0,$(shell id -u)),--allow-root)
 
-test: install
+# The real-browser test drives Debian's chromium with Playwright (no browser download). Install it
+# when missing and we can (root or passwordless sudo, apt-get); otherwise that test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=; [ "$$(id -u)" = 0 ] || { sudo -n true 2>/dev/null && SUDO="sudo -n"; }; \
+	  if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || [ -n "$$SUDO" ]; }; then \
+	    echo "installing Debian's chromium for the browser test"; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
+	      || echo "could not install chromium: the browser test will be skipped"; \
+	  else echo "chromium is missing and cannot be installed here (no apt-get or no root): the browser test will be skipped"; fi; }
+
+test: install browser
 	LABKIT_FAST=$${LABKIT_FAST:-1} $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 course: install
@@ -44,7 +55,8 @@ course: install
 	    --ExecutePreprocessor.timeout=1800 --output-dir build notebooks/*.ipynb
 
 bench: install
-	$(VENV)/bin/labkit bench throughput --json
+	$(PIP) install -q -e ".[bench]"      # llama.cpp, the CPU peer (may build from source)
+	$(VENV)/bin/labkit bench throughput --peer hf --peer llamacpp --json
 
 clean:
 	rm -rf build $(WORKSPACE) .pytest_cache

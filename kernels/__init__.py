@@ -7,12 +7,14 @@ Triton kernel with its launcher (`*_triton`) that has the same signature and con
     rms_norm(x, weight, eps, residual=None)                  (fused residual add)
     rotary(x, positions, cos, sin)                           RoPE on q and k, in place
     silu_and_mul(x)                                          SwiGLU's silu(gate) * up
+    linear(x, w)                                             x @ w^T, skinny (M <= 16) kernel
 
 The references run anywhere (the CPU engine uses them); the Triton kernels run on a GPU, or on
 CPU under TRITON_INTERPRET=1 (how tests check them). kernels/paged_kv.py describes the cache
 layout; labkit/layers/backend.py picks one implementation per device.
 """
 from kernels.activation import silu_and_mul_ref, silu_and_mul_triton
+from kernels.gemv import SMALL_M, linear_ref, linear_small_m_triton
 from kernels.paged_decode import paged_decode_ref, paged_decode_triton
 from kernels.paged_kv import gather_kv
 from kernels.paged_prefill import paged_prefill_ref, paged_prefill_triton
@@ -20,7 +22,7 @@ from kernels.rms_norm import rms_norm_ref, rms_norm_triton
 from kernels.rotary import rotary_ref, rotary_triton
 from kernels.store_kv import store_kv_ref, store_kv_triton
 
-__all__ = ["gather_kv", "store_kv_ref", "store_kv_triton", "paged_decode_ref",
+__all__ = ["SMALL_M", "linear_ref", "linear_small_m_triton", "gather_kv", "store_kv_ref", "store_kv_triton", "paged_decode_ref",
            "paged_decode_triton", "paged_prefill_ref", "paged_prefill_triton", "rms_norm_ref",
            "rms_norm_triton", "rotary_ref", "rotary_triton", "silu_and_mul_ref",
            "silu_and_mul_triton"]

@@ -32,12 +32,16 @@ PACKAGES = [
     ("fastapi", False, "serving: the OpenAI-compatible api_server"),
     ("uvicorn", False, "serving: the ASGI server under api_server"),
     ("openai", False, "serving: the official client against our api_server"),
+    ("httpx", False, "serving: raw HTTP in tests and notebooks, bench serve, api_client"),
+    ("prometheus_client", False, "serving: the /metrics endpoint"),
     ("gradio", False, "the web chat UI (labkit serve gradio)"),
     ("gradio_client", False, "talking to a gradio app from Python"),
     ("jupyterlab", False, "running the course notebooks (make lab)"),
     ("ipywidgets", False, "the interactive explorers in the notebooks"),
     ("matplotlib", False, "plots in the notebooks"),
     ("nbmake", False, "executing the notebooks under pytest (make test)"),
+    ("schemathesis", False, "tests: fuzzing the api_server from its OpenAPI schema"),
+    ("playwright", False, "tests: driving Debian's chromium against the gradio page"),
 ]
 REQUIRED = [name for name, req, _ in PACKAGES if req]
 

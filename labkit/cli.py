@@ -3,6 +3,8 @@
     labkit check_env                                  what is installed, is the bundled model there
     labkit convert MODEL --dst-path ./workspace       offline conversion into a TurboMind workspace
     labkit inspect WORKSPACE_OR_MODEL [--tensors]     read (and validate) a workspace's config.ini
+    labkit lite auto_awq MODEL --work-dir DIR         4-bit AWQ weights (then convert --model-format awq)
+    labkit grade [--submission DIR] [--gradescope]    grade homework, write results.json
 
 Conventions
 - Every flag has its kebab-case and its snake_case spelling (`--dst-path` / `--dst_path`),
@@ -84,7 +86,8 @@ def register_convert(sub) -> None:
     _flag(p, "--tp", type=int, default=1,
           help="tensor-parallel ranks to shard for; must divide heads, KV heads, MLP and vocab")
     _flag(p, "--model-format", choices=["hf", "gguf", "awq"], default=None,
-          help="source format (default: detected; awq comes with the W4A16 lesson)")
+          help="source format (default: detected; awq: a folder made by `labkit lite auto_awq`, "
+               "stored as an int4 workspace)")
     _flag(p, "--model-name", default=None, help="chat template name recorded in config.ini")
     _flag(p, "--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
           help="stored weight dtype (auto: the source's; GGUF dequantizes to fp32)")
@@ -128,12 +131,71 @@ def register_bench(sub) -> None:
                  _lazy("labkit.bench.kernels", "main"))
     from labkit.bench.args import add_kernels_args
     add_kernels_args(k)
+    s = _command(bsub, "serve", "An api_server under load (vLLM's benchmark_serving): Poisson "
+                 "arrivals, streaming; TTFT, TPOT, ITL, latency percentiles and throughput.",
+                 _lazy("labkit.bench.serve", "main"))
+    from labkit.bench.serve import add_serve_args
+    add_serve_args(s)
 
 
-REGISTRARS = [register_check_env, register_convert, register_inspect, register_chat, register_bench]
-# Coming with later lessons, each as a register_* function above and one entry here:
-#   serve -> _lazy("labkit.serve.cli", "main")       lite  -> _lazy("labkit.quant.cli", "main")
-#   eval  -> _lazy("labkit.eval", "main")            grade -> _lazy("labkit.grading.cli", "main")
+def register_serve(sub) -> None:
+    from labkit.serve.cli import add_api_client_args, add_api_server_args, add_gradio_args
+    p = _command(sub, "serve", "Serve a model: the OpenAI-compatible api_server, its terminal "
+                 "client, a Gradio web UI.", None)
+    ssub = p.add_subparsers(title="servers", metavar="WHAT", required=True)
+    add_api_server_args(_command(
+        ssub, "api_server", "OpenAI-compatible HTTP server (FastAPI + uvicorn) over the engine: "
+        "/v1/models, /v1/chat/completions, /v1/completions, /v1/chat/interactive, /health, "
+        "/metrics. --instance-num is lmdeploy 0.1's name for --max-batch-size.",
+        _lazy("labkit.serve.api_server", "main")))
+    add_api_client_args(_command(
+        ssub, "api_client", "Terminal chat with an api_server through /v1/chat/interactive "
+        "(streaming, multi-turn; 'end' resets the session, 'exit' quits; reads piped stdin).",
+        _lazy("labkit.serve.api_client", "main")))
+    add_gradio_args(_command(
+        ssub, "gradio", "Gradio chat web UI, either on an api_server (http(s)://... argument) or "
+        "on a model loaded here.", _lazy("labkit.serve.gradio_app", "main")))
+
+
+# `labkit lite STEP`: one module per quantization lesson, each with `register(lite_sub)`
+LITE_MODULES = ("labkit.quant.cli_kv",      # calibrate, kv_qparams (KV-cache int8/int4, lesson 08)
+                "labkit.quant.cli_awq")     # auto_awq (W4A16, lesson 10)
+
+
+def register_lite(sub) -> None:
+    import importlib.util
+    p = _command(sub, "lite", "Quantization, the lesson's offline flow: calibrate -> kv_qparams "
+                 "(KV cache) or auto_awq (weights).", None)
+    lsub = p.add_subparsers(title="steps", metavar="STEP", required=True)
+    for module in LITE_MODULES:
+        if importlib.util.find_spec(module) is not None:   # (a lesson's module may be absent)
+            register = importlib.import_module(module).register
+            if register.__code__.co_argcount == 3:         # register(lite_sub, command, flag)
+                register(lsub, _command, _flag)
+            else:                                          # register(lite_sub)
+                register(lsub)
+
+
+def register_eval(sub) -> None:
+    p = _command(sub, "eval", "Quality measurements: print a table; --json adds one JSON object "
+                 "on the last line.", None)
+    esub = p.add_subparsers(title="evaluations", metavar="EVAL", required=True)
+    from labkit.eval import add_ppl_args
+    add_ppl_args(_command(esub, "ppl", "Perplexity through the engine's paged path (prefill in "
+                          "chunks over the paged KV cache, quantized with --quant-policy 4/8).",
+                          _lazy("labkit.eval", "main")))
+
+
+def register_grade(sub) -> None:
+    p = _command(sub, "grade", "Grade a homework submission with the graded tests (tests/homework): "
+                 "a score table and Gradescope's results.json; or build the Gradescope autograder.",
+                 _lazy("labkit.grading.cli", "main"))
+    from labkit.grading.cli import add_grade_args
+    add_grade_args(p, _flag)
+
+
+REGISTRARS = [register_check_env, register_convert, register_inspect, register_chat, register_bench,
+              register_serve, register_lite, register_eval, register_grade]
 
 
 def _run_convert(args: argparse.Namespace) -> int:

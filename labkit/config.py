@@ -76,6 +76,7 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------------- engine knobs
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}   # as `convert --dtype`
 QUANT_POLICIES = (0, 4, 8)   # 0 = model dtype KV, 4 = int4 KV, 8 = int8 KV (current LMDeploy)
 
 
@@ -99,7 +100,8 @@ class EngineConfig:
     max_prefill_token_num: int = 8192      # tokens per prefill step (LMDeploy's default)
     enable_prefix_caching: bool = True
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"                    # auto | float32 | bfloat16 | float16 (or fp32, bf16, fp16);
+                                           # auto: bf16 on GPU and on CPUs with native bf16, else fp32
     kv_budget_gib: float = 4.0             # CPU only: cap for the fractional KV cache size
     model_name: Optional[str] = None       # chat template override
     attention_backend: str = "auto"        # auto (triton on CUDA, torch elsewhere) | torch | triton
@@ -113,8 +115,10 @@ class EngineConfig:
                "max_prefill_token_num", self.max_prefill_token_num, "an integer >= 16")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "device", self.device, "one of auto, cpu, cuda, cuda:N")
+        if isinstance(self.dtype, str):
+            self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype,
-               "one of auto, float32, bfloat16, float16")
+               "one of auto, float32 (fp32), bfloat16 (bf16), float16 (fp16)")
         _check(self.kv_budget_gib > 0, "kv_budget_gib", self.kv_budget_gib, "> 0")
         _check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
                self.attention_backend, "one of auto, torch, triton")

@@ -1,5 +1,5 @@
-"""Offline model conversion: an HF directory, a .gguf file or the bundled alias -> a
-TurboMind-style workspace on disk. (Reading weights for one rank, from a workspace or straight
+"""Offline model conversion: an HF directory, a .gguf file, an AWQ folder or the bundled
+alias -> a TurboMind-style workspace on disk. (Reading weights for one rank, from a workspace or straight
 from a model, is labkit/models/loader.py; its names are re-exported here.)
 
 Workspace layout (DESIGN.md section 3):
@@ -9,7 +9,9 @@ Workspace layout (DESIGN.md section 3):
     DST/triton_models/weights/rank{r}.safetensors one file per TP rank
     DST/triton_models/tokenizer/                  tokenizer.json + chat template
 
-Tensor names per rank: see labkit/models/loader.py.
+Tensor names per rank: see labkit/models/loader.py. An AWQ folder (`labkit lite auto_awq`)
+becomes an int4 workspace: weight_type = int4, group_size = G in config.ini, and every decoder
+Linear repacked for the W4A16 kernel (kernels/w4a16.py); the rest is stored in --dtype.
 """
 from __future__ import annotations
 
@@ -62,28 +64,39 @@ def convert(model, dst_path, *, tp: int = 1, model_format: str | None = None,
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ConversionError(f"--dst-path {dst} is not empty; pass --overwrite to replace it "
                               f"(nothing was changed)")
-    if model_format not in (None, "hf", "gguf"):
+    if model_format not in (None, "hf", "gguf", "awq"):
         raise ConversionError(f"--model-format {model_format!r} is not allowed: model_format "
-                              f"must be hf or gguf")
+                              f"must be hf, gguf or awq")
     src = source_path(model)
     fmt = model_format or detect_format(src)
-    cfg, hf = read_source(src, fmt)
+    if fmt == "awq":
+        from labkit.quant.awq_io import read_awq_dir
+        cfg, full, group_size = read_awq_dir(src)
+        emb = {"model.embed_tokens.weight": full["tok_embeddings.weight"]}   # fp16 in AWQ folders
+        store = DTYPES[_resolve_dtype(dtype, emb)]                         # scales, norms, embeddings
+        full = {k: v.to(store) if v.is_floating_point() else v for k, v in full.items()}
+        wtype = "int4"
+    else:
+        cfg, hf = read_source(src, fmt)
+        wtype, group_size = _resolve_dtype(dtype, hf), 0
+        full = to_turbomind(cfg, hf, DTYPES[wtype])
+        del hf
     if model_name or bundled.is_alias(model):
         import dataclasses
         cfg = dataclasses.replace(cfg, model_name=model_name or bundled.BUNDLED_MODEL_NAME)
     cfg.check_tp(tp)                       # before anything is written
-    wtype = _resolve_dtype(dtype, hf)
+    if group_size:                         # int4 groups must not straddle ranks: check now
+        shard(cfg, {k: v for k, v in full.items() if k.startswith("layers.0.")}, 0, tp)
     _remove_stale_partials(dst)
     tmp = dst.parent / f".{dst.name}{PARTIAL_TAG}{os.getpid()}"
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         wdir = weights_dir(tmp)
         wdir.mkdir(parents=True)
-        full = to_turbomind(cfg, hf, DTYPES[wtype])
-        del hf
         for r in tqdm(range(tp), desc=f"convert -> {dst.name} (tp={tp})", disable=not progress):
             save_file(shard(cfg, full, r, tp), str(wdir / f"rank{r}.safetensors"))
-        write_config_ini(wdir, cfg, tp=tp, weight_type=wtype, session_len=session_len)
+        write_config_ini(wdir, cfg, tp=tp, weight_type=wtype, group_size=group_size,
+                         session_len=session_len)
         _save_tokenizer(tokenizer_dir_for(src, fmt), tmp / "triton_models" / "tokenizer")
         _move_into_place(tmp, dst)
     except BaseException:

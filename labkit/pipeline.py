@@ -53,14 +53,14 @@ class Pipeline:
         self.engine = LLMEngine(model, backend_config)
         self.tokenizer = self.engine.tokenizer
 
-    def _submit(self, prompts: list, gen_config) -> list[str]:
+    def _submit(self, prompts: list, gen_config, stream: bool = True) -> list[str]:
         gcs = gen_config if isinstance(gen_config, list) else [gen_config] * len(prompts)
         if len(gcs) != len(prompts):
             raise ValueError(f"gen_config: got {len(gcs)} configs for {len(prompts)} prompts")
         rids = []
         try:
             for p, g in zip(prompts, gcs):
-                rids.append(self.engine.add_request(p, g or GenerationConfig()))
+                rids.append(self.engine.add_request(p, g or GenerationConfig(), stream=stream))
         except BaseException:                 # one bad prompt: queue none of this call
             for rid in rids:
                 self.engine.abort(rid)
@@ -74,7 +74,7 @@ class Pipeline:
         if not batch:
             raise ValueError("prompts must not be empty")
         final: dict[int, Response] = {}
-        for r in self._stream(batch, gen_config, cumulative=True):
+        for r in self._stream(batch, gen_config, cumulative=True, stream=False):
             if r.finish_reason is not None:
                 final[r.index] = r
         out = [final[i] for i in range(len(batch))]
@@ -87,8 +87,8 @@ class Pipeline:
         batch = [prompts] if _is_single(prompts) else list(prompts)
         yield from self._stream(batch, gen_config, cumulative=False)
 
-    def _stream(self, batch, gen_config, cumulative: bool) -> Iterator[Response]:
-        rids = self._submit(batch, gen_config)
+    def _stream(self, batch, gen_config, cumulative: bool, stream: bool = True) -> Iterator[Response]:
+        rids = self._submit(batch, gen_config, stream)
         index = {rid: i for i, rid in enumerate(rids)}
         try:
             while any(rid in self.engine.seqs for rid in rids):
@@ -113,7 +113,7 @@ class Pipeline:
             raise ValueError("prompt must be a non-empty string")
         session = session or Session()
         messages = session.history + [{"role": "user", "content": prompt}]
-        rid = self._submit([messages], gen_config)[0]
+        rid = self._submit([messages], gen_config, stream=False)[0]
         out = None
         while rid in self.engine.seqs:
             for o in self.engine.step():
@@ -127,11 +127,13 @@ class Pipeline:
         return self.engine.stats()
 
     def close(self) -> None:
+        """Free the KV cache and stop tensor-parallel ranks (tp > 1). Safe to call twice."""
         for rid in list(self.engine.seqs):
             self.engine.abort(rid)
         self.engine.runner.kv_cache.clear()
         for layer in self.engine.model.layers:
             layer.attention.attn.k_cache = layer.attention.attn.v_cache = None
+        self.engine.close()
 
     def __enter__(self):
         return self

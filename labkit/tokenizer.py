@@ -164,6 +164,14 @@ class IncrementalDetokenizer:
             out.append(self._emit(final=False))
         return "".join(out)
 
+    def finish(self, new_ids: Sequence[int]) -> str:
+        """End of generation: add the last ids and emit everything, with two decodes in all
+        (for a caller that did not stream: its whole output in one window)."""
+        ids = [int(t) for t in new_ids]
+        self._ids.extend(ids)
+        self.token_ids.extend(ids)
+        return self._emit(final=True)
+
     def flush(self) -> str:
         """At the end of generation: emit whatever is still held back."""
         return self._emit(final=True)

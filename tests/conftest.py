@@ -5,6 +5,9 @@
   notebook kernel inherits from this process.
 - Tests marked `gpu` are skipped when there is no CUDA device; without one, Triton kernels run
   in the CPU interpreter (TRITON_INTERPRET=1).
+- tests/homework (the graded homework tests) is collected only with `--homework`
+  (`labkit grade` passes it; by hand: `pytest tests/homework --homework`, which grades
+  homework/ or the folder in $LABKIT_SUBMISSION).
 - fixtures `labkit_run` / `labkit_popen` run the CLI as a student does (`python -m labkit ...`)
   in a subprocess; `tiny_llama_dir` and `bundled_gguf` are the two model sources.
 """
@@ -35,6 +38,20 @@ def _set_triton_interpreter() -> None:
 
 
 _set_triton_interpreter()
+
+
+HOMEWORK_TESTS = Path(__file__).resolve().parent / "homework"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--homework", action="store_true", default=False,
+                     help="also collect the graded homework tests in tests/homework")
+
+
+def pytest_ignore_collect(collection_path, config):
+    if not config.getoption("--homework") and Path(collection_path).resolve().is_relative_to(HOMEWORK_TESTS):
+        return True
+    return None
 
 
 def pytest_collection_modifyitems(config, items):

@@ -171,3 +171,17 @@ def test_silu_and_mul(dtype):
     i = 11008 if CUDA else 1536                                   # SmolLM2's intermediate size
     x = torch.randn(3, 2 * i, dtype=dtype, device=DEV)
     torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_ref(x), **TOL[dtype])
+
+
+# ------------------------------------------------------------------ skinny matmul (decode)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n,k", [(40, 96), (33, 50)] + ([(11008, 4096), (4096, 11008)] if CUDA else []))
+def test_linear_small_m(m, n, k):
+    from kernels import linear_small_m_triton
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    x = torch.randn(m, k, dtype=dtype, device=DEV)
+    w = torch.randn(n, k, dtype=dtype, device=DEV) / k ** 0.5
+    ref = x.double() @ w.double().T
+    got = linear_small_m_triton(x, w)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got.double(), ref, **tol)    # fp32 in the interpreter: tf32-like dot

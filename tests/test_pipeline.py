@@ -16,7 +16,8 @@ STATS_KEYS = {"blocks_total", "blocks_used", "blocks_free", "blocks_cached", "ru
 @pytest.fixture(scope="module")
 def pipe():
     p = pipeline(str(workspace("smollm2-135m")),
-                 backend_config=EngineConfig(max_batch_size=8, session_len=512, cache_max_entry_count=64))
+                 backend_config=EngineConfig(max_batch_size=8, session_len=512, cache_max_entry_count=64,
+                                              dtype="float32"))
     yield p
     assert p.stats()["blocks_used"] == 0
     p.close()
@@ -66,7 +67,7 @@ def test_chat_session_reuses_prefix_kv(pipe):
     # same answer as sending the whole history from scratch, without the prefix cache
     fresh = pipeline(str(workspace("smollm2-135m")),
                      backend_config=EngineConfig(session_len=512, cache_max_entry_count=64,
-                                                 enable_prefix_caching=False))
+                                                 enable_prefix_caching=False, dtype="float32"))
     assert fresh(s.history[:3], gen_config=gc).text == s.response.text
     fresh.close()
 

@@ -225,3 +225,17 @@ def test_byte_soup_is_bounded(tok):
     out = "".join(d.step(ids[i:i + 3]) for i in range(0, len(ids), 3)) + d.flush()
     assert out == tok.decode(ids)
     assert max(spy.sizes) <= IncrementalDetokenizer.CONTEXT + IncrementalDetokenizer.MAX_PENDING + 1
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=["accents", "emoji", "cjk", "mixed"])
+def test_detokenizer_finish_catches_up_with_the_same_text(tok, text):
+    # finish() is how a non-streaming request gets its text: its ids (all, or the rest after
+    # some streamed steps, cut anywhere, mid-character too) at once, same text as a full decode.
+    from labkit.tokenizer import IncrementalDetokenizer
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    ids = tok.encode(text * 12)
+    assert len(ids) > IncrementalDetokenizer.MAX_PENDING    # more than one window's worth
+    cut = rng.randrange(0, len(ids))
+    d = IncrementalDetokenizer(tok, tok.prompt_to_ids("Say something."))
+    got = d.step(ids[:cut]) + d.finish(ids[cut:])
+    assert got == d.text == tok.decode(ids) == text * 12

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from labkit.engine_args import flag
 
-MODEL_SHAPES = ("llama-2-7b", "llama-3-8b", "smollm2-135m")   # labkit.models.dummy.MODEL_SHAPES
+MODEL_SHAPES = ("llama-2-7b", "llama-3-8b", "llama-3.2-1b", "smollm2-135m")   # labkit.models.dummy.MODEL_SHAPES
 
 
 def add_model_args(p, default_model: str = "smollm2-135m") -> None:
@@ -14,7 +14,8 @@ def add_model_args(p, default_model: str = "smollm2-135m") -> None:
     flag(p, "model_shape", default="smollm2-135m", choices=MODEL_SHAPES,
          help="the shape of the dummy weights")
     flag(p, "device", default="auto", help="auto | cpu | cuda | cuda:N")
-    flag(p, "dtype", default="auto", help="auto (bf16 on CUDA) | float32 | bfloat16")
+    flag(p, "dtype", default="auto",
+         help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16")
 
 
 def add_decode_args(p) -> None:

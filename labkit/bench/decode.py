@@ -32,13 +32,15 @@ def engine_decode(engine, batch: int, context: int, steps: int, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     vocab = engine.model_config.vocab_size
     engine.reset_prefix_cache()
-    gc = GenerationConfig(max_new_tokens=steps + 2, ignore_eos=True)
-    for _ in range(batch):
-        engine.add_request(torch.randint(0, vocab, (context,), generator=g).tolist(), gc)
+    # early sequences decode while later ones still prefill: leave them room, abort after timing
+    gc = GenerationConfig(max_new_tokens=steps + 100, ignore_eos=True)
+    ids = [engine.add_request(torch.randint(0, vocab, (context,), generator=g).tolist(), gc)
+           for _ in range(batch)]
     while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
         engine.step()                                   # prefill until every one decodes
     _sync(engine.device)
     running, tokens, n0 = 0, 0, engine.generated_tokens_total
+    host0 = engine.host_seconds + engine.runner.prepare_seconds
     t0 = time.perf_counter()
     for _ in range(steps):
         running += len(engine.scheduler.running)
@@ -47,9 +49,10 @@ def engine_decode(engine, batch: int, context: int, steps: int, seed: int = 0) -
     _sync(engine.device)
     dt = (time.perf_counter() - t0) / steps
     assert engine.generated_tokens_total - n0 == batch * steps, "a sequence left the batch"
-    engine.last_contexts = (running / steps, tokens / steps)      # mean batch, mean KV tokens
-    while engine.has_unfinished():
-        engine.step()
+    host = (engine.host_seconds + engine.runner.prepare_seconds - host0) / steps
+    engine.last_contexts = (running / steps, tokens / steps, host)   # mean batch, KV tokens, host s
+    for rid in ids:
+        engine.abort(rid)
     return dt
 
 
@@ -92,10 +95,10 @@ def decode_bench(args) -> dict:
     rows = []
     for b, c in points:
         t = engine_decode(engine, b, c, args.steps)
-        mean_b, kv_tokens = engine.last_contexts
+        mean_b, kv_tokens, host = engine.last_contexts
         roof = decode_step_bytes(engine.model, kvb, [kv_tokens]) / bw
         rows.append({"batch": b, "context": c, "mean_running": mean_b, "mean_kv_tokens": kv_tokens,
-                     "labkit_ms": t * 1e3, "labkit_tok_s": b / t,
+                     "labkit_ms": t * 1e3, "labkit_tok_s": b / t, "host_ms": host * 1e3,
                      "roofline_ms": roof * 1e3, "fraction_of_roofline": roof / t})
         print(json.dumps(rows[-1]), flush=True)
     info = {"weight_bytes": decode_step_bytes(engine.model, 0, []),
@@ -131,11 +134,12 @@ def print_table(r: dict) -> None:
           f"{r['copy_bandwidth_GBs']:.0f} GB/s | weights {r['weight_bytes'] / 1e9:.2f} GB | "
           f"CUDA graphs {'on' if r['cuda_graphs'] else 'off'}")
     peers = sorted({k[:-6] for row in r["rows"] for k in row if k.endswith("_tok_s") and k != "labkit_tok_s"})
-    head = f"{'batch':>6}{'ctx':>7}{'labkit ms':>11}{'tok/s':>10}{'roofline':>10}" + \
+    head = f"{'batch':>6}{'ctx':>7}{'labkit ms':>11}{'host ms':>9}{'tok/s':>10}{'roofline':>10}" + \
            "".join(f"{p + ' tok/s':>17}" for p in peers)
     print(head)
     for row in r["rows"]:
-        print(f"{row['batch']:>6}{row['context']:>7}{row['labkit_ms']:>11.3f}{row['labkit_tok_s']:>10.0f}"
+        print(f"{row['batch']:>6}{row['context']:>7}{row['labkit_ms']:>11.3f}{row['host_ms']:>9.3f}"
+              f"{row['labkit_tok_s']:>10.0f}"
               f"{row['fraction_of_roofline']:>9.0%} " +
               "".join(f"{row[p + '_tok_s']:>17.0f}" for p in peers))
 

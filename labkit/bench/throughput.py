@@ -12,6 +12,7 @@ tokens requests asked for, for both.
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from labkit.bench.common import alternate, commit, device_name
@@ -65,20 +66,28 @@ RECIPES = {
 
 
 def throughput(args) -> dict:
-    import torch
-
-    from labkit.bench.models import hf_model, model_source
-    from labkit.bench.roofline import copy_bandwidth, workload_roofline_seconds
+    from labkit.bench.models import model_source
     from labkit.config import EngineConfig
     from labkit.engine.engine import LLMEngine
-    from labkit.models.dummy import fold_ids
     for k, v in RECIPES.get(args.recipe, {}).items():
         setattr(args, k, v)
     model = model_source(args)
     ec = EngineConfig(max_batch_size=args.max_batch_size, session_len=args.session_len,
                       cache_max_entry_count=args.cache_max_entry_count, device=args.device,
-                      dtype=args.dtype)
+                      dtype=args.dtype, tp=args.tp)
     engine = LLMEngine(model, ec)
+    try:
+        return _measure(args, model, engine)
+    finally:
+        engine.close()                     # tp > 1: stop the other ranks' processes
+
+
+def _measure(args, model, engine) -> dict:
+    import torch
+
+    from labkit.bench.models import hf_model
+    from labkit.bench.roofline import copy_bandwidth, workload_roofline_seconds
+    from labkit.models.dummy import fold_ids
     vocab = engine.model_config.vocab_size
     reqs = make_workload(engine.tokenizer, args.num_requests, args.input_len, args.output_len, args.seed)
     reqs = [Request(fold_ids(r.prompt_ids, vocab), r.output_len) for r in reqs]
@@ -86,7 +95,9 @@ def throughput(args) -> dict:
     warm = make_workload(engine.tokenizer, 2, (16, 32), (4, 8), args.seed + 1)
     warm = [Request(fold_ids(r.prompt_ids, vocab), r.output_len) for r in warm]
     pad = engine.tokenizer.eos_token_id % vocab
-    hf = None if args.no_hf else hf_model(model, engine.model_config, engine.dtype, engine.device)
+    peers = args.peer or ["hf"]
+    hf = None if args.no_hf or "hf" not in peers else \
+        hf_model(model, engine.model_config, engine.dtype, engine.device)
     run_engine(engine, warm)
     if hf is not None:
         run_hf(hf, warm, 2, pad, engine.device)
@@ -99,7 +110,7 @@ def throughput(args) -> dict:
               "date": time.strftime("%Y-%m-%d"), "device": device_name(engine.device),
               "dtype": str(engine.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
               "repeats": args.repeats, "copy_bandwidth_GBs": bw / 1e9, "roofline_seconds": roof,
-              "cuda_graphs": engine.runner.graphs is not None,
+              "cuda_graphs": engine.runner.graphs is not None, "tp": engine.config.tp,
               "workload": {"num_requests": args.num_requests, "input_len": list(args.input_len),
                            "output_len": list(args.output_len), "seed": args.seed,
                            "max_batch_size": args.max_batch_size, "ignore_eos": True}}
@@ -107,6 +118,13 @@ def throughput(args) -> dict:
     if hf is not None:
         fns["hf"] = lambda: run_hf(hf, reqs, args.max_batch_size if args.hf_batch_size is None
                                    else args.hf_batch_size, pad, engine.device)
+    if "llamacpp" in peers:                           # labkit/bench/llamacpp.py
+        from labkit.bench.llamacpp import llamacpp_measurements
+        llama_fns, result["llamacpp_peer"] = llamacpp_measurements(
+            model, reqs, one, warm, args.session_len, torch.get_num_threads())
+        if not llama_fns:
+            print(f"llama.cpp peer skipped: {result['llamacpp_peer']['skipped']}", file=sys.stderr)
+        fns.update(llama_fns)
     fns["labkit_batch1"] = lambda: run_engine(engine, one)
     if hf is not None:
         fns["hf_batch1"] = lambda: run_hf(hf, one, 1, pad, engine.device)
@@ -116,6 +134,10 @@ def throughput(args) -> dict:
     if hf is not None:
         result["speedup"] = result["labkit"]["output_tok_s"] / result["hf"]["output_tok_s"]
         result["speedup_batch1"] = result["labkit_batch1"]["output_tok_s"] / result["hf_batch1"]["output_tok_s"]
+    if "llamacpp" in result:
+        result["speedup_vs_llamacpp"] = result["labkit"]["output_tok_s"] / result["llamacpp"]["output_tok_s"]
+        result["speedup_vs_llamacpp_batch1"] = (result["labkit_batch1"]["output_tok_s"]
+                                                / result["llamacpp_batch1"]["output_tok_s"])
     return result
 
 
@@ -126,7 +148,9 @@ def print_table(r: dict) -> None:
           f"commit {r['commit']} | median of {r['repeats']}")
     print(f"{'engine':<28}{'seconds':>10}{'out tok/s':>12}{'req/s':>10}")
     rows = [("labkit (continuous batching)", r["labkit"]), ("HF generate (static batches)", r.get("hf")),
-            ("labkit batch 1", r["labkit_batch1"]), ("HF generate batch 1", r.get("hf_batch1"))]
+            ("llama.cpp (one at a time)", r.get("llamacpp")),
+            ("labkit batch 1", r["labkit_batch1"]), ("HF generate batch 1", r.get("hf_batch1")),
+            ("llama.cpp batch 1", r.get("llamacpp_batch1"))]
     for name, m in rows:
         if m:
             print(f"{name:<28}{m['seconds']:>10.2f}{m['output_tok_s']:>12.1f}{m['requests_s']:>10.3f}")
@@ -134,6 +158,9 @@ def print_table(r: dict) -> None:
           f"{r['roofline_seconds']:.2f} s -> labkit at {r['fraction_of_roofline']:.0%} of it")
     if "speedup" in r:
         print(f"speedup vs HF: {r['speedup']:.2f}x (mixed workload), {r['speedup_batch1']:.2f}x (batch-1 decode)")
+    if "speedup_vs_llamacpp" in r:
+        print(f"speedup vs llama.cpp: {r['speedup_vs_llamacpp']:.2f}x (mixed workload), "
+              f"{r['speedup_vs_llamacpp_batch1']:.2f}x (batch-1 decode)")
 
 
 def main(args) -> int:
@@ -156,6 +183,7 @@ def add_throughput_args(t) -> None:
     flag(t, "num_requests", type=int, default=32)
     flag(t, "input_len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
     flag(t, "output_len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
+    flag(t, "tp", type=int, default=1, help="tensor-parallel ranks (processes; GPUs on CUDA)")
     flag(t, "max_batch_size", type=int, default=64)   # config.ini's default
     flag(t, "session_len", type=int, default=1024)
     flag(t, "cache_max_entry_count", type=float, default=0.8)
@@ -164,5 +192,8 @@ def add_throughput_args(t) -> None:
     flag(t, "seed", type=int, default=0)
     flag(t, "repeats", type=int, default=3, help="runs per measurement; the median is reported")
     flag(t, "no_hf", action="store_true", help="skip the HF transformers baseline")
+    flag(t, "peer", action="append", choices=["hf", "llamacpp"],
+         help="peer(s) measured in the same run (repeatable; default hf); llamacpp needs "
+              "llama-cpp-python (the bench extra) and a .gguf model")
     flag(t, "output", help="also write the JSON result to this file")
     t.add_argument("--json", action="store_true", help="print one JSON object as the last line")

@@ -147,6 +147,32 @@ class BlockManager:
         seq.kv_epoch += 1
         seq.num_hashed_blocks, seq.last_block_hash = 0, None
 
+    def pin_prefix(self, token_ids) -> list[int]:
+        """Take a reference on the cached full blocks that hold a prefix of `token_ids`, so no
+        eviction can take them (an interactive session keeps its KV between turns this way).
+        Returns the block ids now held; give them back with `unpin`."""
+        held, h = [], None
+        if not self.enable_prefix_caching:
+            return held
+        for i in range(len(token_ids) // self.block_size):
+            tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = chain_hash(h, tokens)
+            bid = self.hash_to_block.get(h)
+            if bid is None or self.blocks[bid].token_ids != tokens:
+                break
+            held.append(self._take(bid))
+        return held
+
+    def unpin(self, block_ids: list[int]) -> None:
+        """Drop the references `pin_prefix` took; blocks nobody else uses go to the LRU list
+        (still cached, so a later request with that prefix can still hit them)."""
+        for bid in reversed(block_ids):
+            block = self.blocks[bid]
+            assert block.ref_count > 0, f"unpin of unused block {bid}"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.lru[bid] = None     # pinned blocks are named: they were found by hash
+
     def reset_prefix_cache(self) -> int:
         """Forget every cached (unused) block, e.g. to measure without prefix hits. Returns
         how many were dropped; blocks in use keep their names."""

@@ -3,7 +3,9 @@
     step = schedule -> run -> postprocess
 
 `add_request` tokenizes and queues a request; `step` runs one batch (a prefill or a decode
-step for every running sequence) and returns what each request produced; `abort` drops a
+step for every running sequence) and returns what each request produced (every streaming
+request, each step; a request added with stream=False only when it finishes: it skips the
+per-token detokenizing and output building, as vLLM's FINAL_ONLY outputs do); `abort` drops a
 request and frees its KV blocks. Everything else (pipeline, server, chat) is built on these.
 """
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 
 from labkit.config import ConfigError, EngineConfig, GenerationConfig
 from labkit.engine.block_manager import BlockManager
-from labkit.engine.kv_cache import bytes_per_token, plan_kv_cache
+from labkit.engine.device import resolve_device
+from labkit.engine.kv_cache import plan_kv_cache
 from labkit.engine.model_runner import ModelRunner
 from labkit.engine.sampler import make_generator
 from labkit.engine.scheduler import Scheduler
@@ -42,24 +45,9 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)
 
 
-def resolve_device(ec: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    if ec.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(ec.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device={ec.device!r} is not allowed here: no CUDA device; use auto or cpu")
-    if ec.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, ec.dtype)
-    return device, dtype
-
-
 class LLMEngine:
     def __init__(self, model, engine_config: EngineConfig | None = None):
         from labkit.convert import inspect_model
-        from labkit.models.llama import LlamaForCausalLM
         from labkit.tokenizer import Tokenizer
         from labkit.workspace_ini import resolve_engine_config
 
@@ -67,27 +55,14 @@ class LLMEngine:
         self.model_config = cfg = info.config
         self.config, self.config_notes = resolve_engine_config(engine_config, info.inference, cfg)
         ec = self.config
-        if ec.tp != 1:
-            raise ConfigError(f"tp={ec.tp} is not allowed in LLMEngine yet: tensor-parallel "
-                              f"serving comes with the TP lesson (04); use tp=1")
-        if ec.quant_policy != 0:
-            raise ConfigError(f"quant_policy={ec.quant_policy} is not allowed yet: KV-cache "
-                              f"quantization comes with lesson 08; use quant_policy=0")
+        cfg.check_tp(ec.tp)               # a clear error before any rank's process starts
         self.device, self.dtype = resolve_device(ec)
-        t0 = time.perf_counter()
-        self.model = LlamaForCausalLM.from_pretrained(
-            model, dtype=self.dtype, device=self.device,
-            max_positions=max(ec.session_len, cfg.max_position_embeddings),
-            rope_scaling_factor=ec.rope_scaling_factor, use_logn_attn=ec.use_logn_attn)
-        self.load_seconds = time.perf_counter() - t0
-        self.kv_plan = plan_kv_cache(cfg, ec, self.device, self.dtype)
-        log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
-                 self.kv_plan.num_blocks, self.kv_plan.block_size, self.kv_plan.num_tokens,
-                 self.kv_plan.total_bytes / 2**20, self.kv_plan.how)
-        self.block_manager = BlockManager(self.kv_plan.num_blocks, ec.cache_block_seq_len,
-                                          ec.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, ec.max_batch_size, ec.max_prefill_token_num)
-        self.runner = ModelRunner(self.model, cfg, ec, self.kv_plan, self.device, self.dtype)
+        self.tp_group = None
+        try:
+            self._load(model, cfg, ec, info.workspace)
+        except BaseException:             # stop the other ranks we may have started
+            self.close()
+            raise
         self.tokenizer = Tokenizer(info.tokenizer_dir, ec.model_name or cfg.model_name)
         self.seqs: dict[str, Sequence] = {}
         self.stoppers: dict[str, StopChecker] = {}
@@ -97,10 +72,45 @@ class LLMEngine:
         self.host_seconds = 0.0           # schedule + postprocess time, summed over steps
         self.last_batch = None
 
+    def _load(self, model, cfg, ec: EngineConfig, workspace) -> None:
+        """Weights, KV cache, scheduler, runner. At tp > 1 ranks 1..tp-1 (their own processes,
+        labkit/engine/tp_group.py) load their shards and build their runners alongside."""
+        from labkit.engine import tp_group
+        from labkit.models.llama import LlamaForCausalLM
+        max_positions = max(ec.session_len, cfg.max_position_embeddings)
+        self.tp_group = tp_group.start(model, ec, self.device, self.dtype, max_positions,
+                                        workspace)
+        if self.tp_group is not None:
+            self.device = self.tp_group.device
+        t0 = time.perf_counter()
+        self.model = LlamaForCausalLM.from_pretrained(
+            model, rank=0, tp=ec.tp, dtype=self.dtype, device=self.device,
+            max_positions=max_positions, rope_scaling_factor=ec.rope_scaling_factor,
+            use_logn_attn=ec.use_logn_attn)
+        self.load_seconds = time.perf_counter() - t0
+        self.kv_plan = plan_kv_cache(cfg, ec, self.device, self.dtype, workspace=workspace)
+        if self.tp_group is not None:
+            self.kv_plan = self.tp_group.agree_kv_plan(self.kv_plan)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
+                 self.kv_plan.num_blocks, self.kv_plan.block_size, self.kv_plan.num_tokens,
+                 self.kv_plan.total_bytes / 2**20, self.kv_plan.how)
+        self.block_manager = BlockManager(self.kv_plan.num_blocks, ec.cache_block_seq_len,
+                                          ec.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, ec.max_batch_size, ec.max_prefill_token_num)
+        self.runner = ModelRunner(self.model, cfg, ec, self.kv_plan, self.device, self.dtype)
+        if self.tp_group is not None:
+            self.tp_group.attach(self.runner)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (nothing to do at tp=1); no step can run after."""
+        if self.tp_group is not None:
+            self.tp_group.close()
+
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt, gen_config: GenerationConfig | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request (a string, a list of chat messages or token ids); returns its id."""
+                    request_id: str | None = None, stream: bool = True) -> str:
+        """Queue a request (a string, a list of chat messages or token ids); returns its id.
+        stream=False: `step` returns its output only when it finishes."""
         gc = gen_config or GenerationConfig()
         if not isinstance(gc, GenerationConfig):
             raise ValueError("gen_config must be a labkit.GenerationConfig")
@@ -118,7 +128,7 @@ class LLMEngine:
         if rid in self.seqs:
             raise ValueError(f"request_id={rid!r} is already in use")
         seq = Sequence(ids, gc, ec.cache_block_seq_len, request_id=rid,
-                       generator=make_generator(gc.random_seed, self.device))
+                       generator=make_generator(gc.random_seed, self.device), stream=stream)
         stop = StopChecker(self.tokenizer, gc, len(ids), ec.session_len)
         seq.stop_ids = stop.stop_ids
         self.seqs[rid], self.stoppers[rid] = seq, stop
@@ -155,12 +165,12 @@ class LLMEngine:
         self.scheduler.postprocess(batch)
         self.num_steps += 1
         outs = [out for seq in batch.seqs if seq.seq_id in sampled
-                for out in [self._on_token(seq, sampled[seq.seq_id])]]
+                for out in [self._on_token(seq, sampled[seq.seq_id])] if out is not None]
         # host time outside the runner: scheduling, block bookkeeping, stop checks, detokenizing
         self.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
         return outs
 
-    def _on_token(self, seq: Sequence, token: int) -> RequestOutput:
+    def _on_token(self, seq: Sequence, token: int) -> RequestOutput | None:
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
         seq.append_token(token)
@@ -170,6 +180,8 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             return self._finish_output(seq, [token])
+        if not seq.stream:
+            return None
         delta = stop.take_delta()
         return RequestOutput(seq.request_id, stop.text, delta, seq.output_token_ids, [token],
                              seq.num_prompt_tokens, num_prefix_hit_tokens=seq.num_prefix_hit_tokens)
@@ -190,7 +202,7 @@ class LLMEngine:
     def generate(self, prompts: list, gen_config: GenerationConfig | list | None = None) -> list[RequestOutput]:
         """Run prompts to completion together (one continuous batch); outputs in input order."""
         gcs = gen_config if isinstance(gen_config, list) else [gen_config] * len(prompts)
-        ids = [self.add_request(p, g) for p, g in zip(prompts, gcs)]
+        ids = [self.add_request(p, g, stream=False) for p, g in zip(prompts, gcs)]
         done: dict[str, RequestOutput] = {}
         while self.has_unfinished():
             for out in self.step():
@@ -204,7 +216,7 @@ class LLMEngine:
                 "blocks_free": bm.num_free, "blocks_cached": bm.num_cached,
                 "block_size": plan.block_size, "tokens_total": plan.num_tokens,
                 "bytes_total": plan.total_bytes,
-                "kv_bytes_per_token": bytes_per_token(self.model_config, self.config.tp, self.dtype),
+                **plan.stats(),                            # kv_bytes_per_token (scales counted), ...
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "prefix_cache_queries": bm.stats.prefix_cache_queries,
                 "prefix_cache_hits": bm.stats.prefix_cache_hits,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -27,12 +28,30 @@ from labkit.layers.backend import make_backend
 log = logging.getLogger("labkit")
 
 
+@dataclass(frozen=True)
+class StepHeader:
+    """What a rank needs, besides the step buffer, to run a step's forward (tensor parallel:
+    rank 0 sends it to the other ranks with the used part of the buffer)."""
+    is_prefill: bool
+    num_seqs: int              # B
+    num_tokens: int            # N
+    max_seqlen_q: int
+    num_logits_rows: int       # S
+    bucket: int = 0            # decode CUDA graph replayed (0: eager)
+
+    @property
+    def num_rows(self) -> int:
+        """Block-table rows in use (a graph bucket pads B up to its size)."""
+        return self.bucket or self.num_seqs
+
+
 class ModelRunner:
     def __init__(self, model, cfg: ModelConfig, ec: EngineConfig, plan: KVCachePlan,
                  device: torch.device, dtype: torch.dtype):
         self.model, self.cfg, self.ec, self.plan = model, cfg, ec, plan
         self.device, self.dtype = device, dtype
-        self.kv_cache = allocate_kv_cache(cfg, plan, ec.tp, device, dtype)
+        self.kv_cache = allocate_kv_cache(cfg, plan, ec.tp, device, dtype,
+                                          rank=getattr(model, "rank", 0))
         self.backend = make_backend(ec.attention_backend, device)
         model.set_backend(self.backend)
         for layer, (k_cache, v_cache) in zip(model.layers, self.kv_cache):
@@ -43,6 +62,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.graphs = None
         self.prepare_seconds = 0.0        # host time building step inputs, summed over steps
+        self.tp_group = None              # rank 0 at tp > 1: labkit/engine/tp_group.py sets it
         if device.type == "cuda" and not ec.enforce_eager and self.backend.name == "triton":
             self.graphs = DecodeGraphs(self._decode_forward, graph_buckets(ec.max_batch_size))
             self._padding_inputs()
@@ -65,18 +85,27 @@ class ModelRunner:
         t0 = time.perf_counter()
         bucket = None if is_prefill or self.graphs is None else self.graphs.bucket(len(seqs))
         step = fill_step(self.buffers, seqs, num_new_tokens, is_prefill, pad_to=bucket or 0)
-        self.buffers.upload(bucket or step.num_seqs)
+        header = StepHeader(is_prefill, step.num_seqs, step.num_tokens, step.max_seqlen_q,
+                            len(step.logits_rows), bucket or 0)
         self.prepare_seconds += time.perf_counter() - t0
-        if bucket is not None:
-            return step, self.graphs.replay(bucket)[:step.num_seqs]          # (B, V)
-        if not is_prefill:
-            return step, self._decode_forward(step.num_seqs)                 # (B, V)
+        if self.tp_group is not None:       # the other ranks run the same step on their shards
+            return step, self.tp_group.run_step(header, self.buffers, self.forward_from_buffers)
+        return step, self.forward_from_buffers(header)
+
+    def forward_from_buffers(self, h: StepHeader) -> torch.Tensor:
+        """The step written in the host buffer -> logits (S, V) float32 of the rows that sample.
+        Every tensor-parallel rank calls this with the same buffer contents and header."""
+        self.buffers.upload(h.num_rows)
+        if h.bucket:
+            return self.graphs.replay(h.bucket)[:h.num_seqs]                # (B, V)
+        if not h.is_prefill:
+            return self._decode_forward(h.num_seqs)                          # (B, V)
         b = self.buffers
-        md = b.metadata(True, step.num_seqs, step.num_tokens, step.max_seqlen_q)
-        hidden = self.model(b.view("input_ids", step.num_tokens),
-                            b.view("positions", step.num_tokens), md)       # (N, H)
-        rows = b.view("logits_rows", len(step.logits_rows))                  # (S,)
-        return step, self.model.compute_logits(hidden[rows])                 # (S, V)
+        md = b.metadata(True, h.num_seqs, h.num_tokens, h.max_seqlen_q)
+        hidden = self.model(b.view("input_ids", h.num_tokens),
+                            b.view("positions", h.num_tokens), md)          # (N, H)
+        rows = b.view("logits_rows", h.num_logits_rows)                      # (S,)
+        return self.model.compute_logits(hidden[rows])                       # (S, V)
 
     def _decode_forward(self, batch_size: int) -> torch.Tensor:
         """One token per sequence: ids (B,) in the buffer -> logits (B, V). Captured as a

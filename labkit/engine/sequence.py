@@ -41,6 +41,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: Optional[float] = None
     stop_ids: tuple = ()              # token ids that end this request (set by the engine)
+    stream: bool = True               # an output every step, or only the final one
     kv_epoch: int = 0                 # +1 each time its blocks are freed (preemption, finish)
     num_hashed_blocks: int = 0        # leading full blocks already named for prefix caching
     last_block_hash: Optional[int] = None   # chained hash of the last of those

@@ -6,6 +6,11 @@ A request stops (in this order of checks) on
   - a stop word appearing in the text (the text is cut before it)                -> "stop"
   - max_new_tokens generated, or prompt + output reaching session_len            -> "length"
 
+Text is built lazily: without stop words a sampled id is only queued, and is detokenized
+when someone asks for text (`take_delta`: each step for a streaming request, once at the end
+otherwise). Detokenizing every token of every sequence was half of the engine's host time
+per step at batch 256 (docs/PERF.md). With stop words each token is detokenized at once.
+
 Streaming and stop words: text that could still turn out to be the start of a stop word is
 held back (at most len(longest stop word) - 1 characters), so a client never receives part
 of a stop word.
@@ -27,7 +32,8 @@ class StopChecker:
         self.hold = max((len(w) for w in self.stop_words), default=1) - 1
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=gc.skip_special_tokens)
         self.num_output = 0
-        self.text = ""          # text so far, stop word cut off once found
+        self.text = ""          # text so far (up to the queued ids), stop word cut off once found
+        self._queued: list[int] = []    # ids not detokenized yet (no stop words only)
         self._sent = 0          # characters of text already handed out
         self._stopped_by_word = False
 
@@ -35,12 +41,14 @@ class StopChecker:
         """Feed one sampled token; return a finish reason or None."""
         self.num_output += 1
         is_stop_token = token in self.stop_ids
-        if not is_stop_token:       # the stop token itself adds no text
-            self.text += self.detok.step(token)
-            if self.stop_words and self._cut_at_stop_word():
-                return "stop"
-        if is_stop_token:
+        if is_stop_token:           # the stop token itself adds no text
             return "stop"
+        if not self.stop_words:
+            self._queued.append(token)
+        else:
+            self.text += self.detok.step(token)
+            if self._cut_at_stop_word():
+                return "stop"
         if self.num_output >= self.gc.max_new_tokens or num_tokens >= self.session_len:
             return "length"
         return None
@@ -57,7 +65,10 @@ class StopChecker:
     def take_delta(self, final: bool = False) -> str:
         """Text not handed out yet (holding back a possible stop-word prefix unless final)."""
         if final and not self._stopped_by_word:
-            self.text += self.detok.flush()
+            self.text += self.detok.finish(self._queued)
+        elif self._queued:
+            self.text += self.detok.step(self._queued)
+        self._queued.clear()
         end = len(self.text) if final else max(self._sent, len(self.text) - self.hold)
         delta = self.text[self._sent:end]
         self._sent = end

@@ -10,6 +10,9 @@ Two ways in:
 
 `LognScaling` is Qwen's logn attention (LMDeploy's use_logn_attn): past the trained length T
 the softmax sees more keys and flattens, so queries are sharpened by log(p + 1) / log(T).
+
+With quant_policy 8/4 the caches are `QuantKVCache`s (int8/int4 codes + per-token scales and
+zeros, kernels/kv_quant.py): the store quantizes, prefill/decode dequantize inside attention.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.kv_quant import QuantKVCache
 from labkit.layers.backend import TORCH
 
 
@@ -74,17 +78,27 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
         self.backend = TORCH
-        self.k_cache: torch.Tensor | None = None   # (num_blocks, block_size, Hkv, D), set by the runner
-        self.v_cache: torch.Tensor | None = None
+        # (num_blocks, block_size, Hkv, D) tensors or QuantKVCaches, set by the runner
+        self.k_cache: torch.Tensor | QuantKVCache | None = None
+        self.v_cache: torch.Tensor | QuantKVCache | None = None
 
     def forward(self, q, k, v, metadata: AttentionMetadata | None = None) -> torch.Tensor:
         """q (..., Hq, D), k/v (..., Hkv, D) -> (..., Hq, D)."""
         if metadata is None:
             return self._dense_causal(q, k, v)
+        if isinstance(self.k_cache, QuantKVCache):
+            return self._quantized(q, k, v, metadata)
         self.backend.store_kv(k, v, self.k_cache, self.v_cache, metadata.slot_mapping)
         if metadata.is_prefill:
             return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, metadata, self.scale)
         return self.backend.decode(q, self.k_cache, self.v_cache, metadata, self.scale)
+
+    def _quantized(self, q, k, v, md: AttentionMetadata) -> torch.Tensor:
+        """The same three steps over an int8/int4 cache (quant_policy 8/4)."""
+        self.backend.store_kv_quant(k, v, self.k_cache, self.v_cache, md.slot_mapping)
+        if md.is_prefill:
+            return self.backend.prefill_quant(q, self.k_cache, self.v_cache, md, self.scale)
+        return self.backend.decode_quant(q, self.k_cache, self.v_cache, md, self.scale)
 
     def _dense_causal(self, q, k, v):
         # (B, L, H, D) -> (B, H, L, D) for SDPA; GQA by repeating each KV head

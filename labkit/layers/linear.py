@@ -7,13 +7,16 @@
 
 The layer itself does not know about ranks: the loader (labkit/models/loader.py) gives it the
 slice of the weight its rank owns, and the model all-reduces after the row-parallel ones.
-Weight layout is torch's and TurboMind's: (out_features, in_features).
+Weight layout is torch's and TurboMind's: (out_features, in_features). The product goes
+through the op backend: F.linear (cuBLAS / CPU BLAS), or on the GPU for a decode batch of at
+most 16 rows in bf16 a Triton kernel that streams the weights faster (kernels/gemv.py).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from labkit.layers.backend import TORCH
 
 
 class Linear(nn.Module):
@@ -24,9 +27,51 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.backend = TORCH         # F.linear, or a skinny-matmul kernel for decode batches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.backend.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class W4A16Linear(nn.Module):
+    """y = x W^T (+ b) with W held as 4-bit codes (kernels/w4a16.py has the layout):
+    qweight (out, in/2) uint8, scales (out, in/G) in the model dtype, zeros (out, in/G) uint8.
+    CUDA runs the Triton W4A16 kernel (dequantization in registers); elsewhere the reference
+    dequantizes the whole weight, then multiplies."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        frozen = dict(requires_grad=False)           # integer tensors cannot require grad
+        self.qweight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8), **frozen)
+        self.scales = nn.Parameter(torch.empty(out_features, in_features // group_size), **frozen)
+        self.zeros = nn.Parameter(torch.empty(out_features, in_features // group_size, dtype=torch.uint8), **frozen)
+        self.bias = nn.Parameter(torch.zeros(out_features), **frozen) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kernels.w4a16 import w4a16_linear
+        return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+DECODER_LINEARS = ("attention.w_qkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+
+
+def use_w4a16(model: nn.Module, group_size: int) -> nn.Module:
+    """Replace every decoder layer's Linear by a W4A16Linear of the same shape (embeddings and
+    the output head stay dense). Call it before the weights are loaded."""
+    for layer in model.layers:
+        for name in DECODER_LINEARS:
+            parent, _, leaf = name.rpartition(".")
+            old = layer.get_submodule(name)
+            new = W4A16Linear(old.in_features, old.out_features, group_size, old.bias is not None)
+            setattr(layer.get_submodule(parent), leaf, new)
+    return model

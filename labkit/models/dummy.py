@@ -8,6 +8,9 @@ folded into it by the benchmarks (`fold_ids`).
 Weights are N(0, 0.02) (HF's initializer range) for matrices and embeddings, 1 for norms,
 drawn from one seeded generator per tensor in the full (tp=1) shape, then sliced for a rank:
 every tp sees the same model, so tp=N can be checked against tp=1.
+
+`dummy:SHAPE:int4` (or `:int4-g64`, `:int4-g32`; group 128 by default) stores every decoder
+Linear as random 4-bit codes with group scales (kernels/w4a16.py), for W4A16 benchmarks.
 """
 from __future__ import annotations
 
@@ -29,6 +32,13 @@ MODEL_SHAPES = {
                               head_dim=128, intermediate_size=11008, vocab_size=32000,
                               rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
                               model_name="smollm2"),
+    # meta-llama/Llama-3.2-1B (GQA 32/8, tied head; its llama3 RoPE scaling left out): small
+    # enough for fp32 tensor-parallel checks on GPUs, heads divisible by 2, 4, 8
+    "llama-3.2-1b": ModelConfig(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                                head_dim=64, intermediate_size=8192, vocab_size=128256,
+                                rms_norm_eps=1e-5, rope_theta=500000.0,
+                                max_position_embeddings=8192, tie_word_embeddings=True,
+                                model_name="smollm2"),
     # meta-llama/Meta-Llama-3-8B (GQA 32/8, 128k vocabulary)
     "llama-3-8b": ModelConfig(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                               head_dim=128, intermediate_size=14336, vocab_size=128256,
@@ -55,11 +65,26 @@ def check_shape(shape: str) -> ModelConfig:
 
 
 def shape_config(model: str) -> ModelConfig:
-    return check_shape(model[len(PREFIX):])
+    return check_shape(model[len(PREFIX):].split(":")[0])
 
 
-def dummy_tensors(cfg: ModelConfig, dtype: torch.dtype, device, seed: int = 0) -> dict:
-    """Full (tp=1) TurboMind-named tensors of random weights, made on `device`."""
+def int4_group(model: str) -> int:
+    """0 for dense dummy weights; the group size of `dummy:SHAPE:int4[-gG]`."""
+    from labkit.config import ConfigError
+    _, _, tail = model[len(PREFIX):].partition(":")
+    if not tail:
+        return 0
+    kind, _, g = tail.partition("-g")
+    if kind != "int4" or (g and g not in ("32", "64", "128")):
+        raise ConfigError(f"dummy weight type {tail!r} is not allowed: write dummy:SHAPE, "
+                          f"dummy:SHAPE:int4 or dummy:SHAPE:int4-gG with G in 32, 64, 128")
+    return int(g or 128)
+
+
+def dummy_tensors(cfg: ModelConfig, dtype: torch.dtype, device, seed: int = 0,
+                  int4_group_size: int = 0) -> dict:
+    """Full (tp=1) TurboMind-named tensors of random weights, made on `device`; with a group
+    size, decoder Linears are int4 (qweight/scales/zeros) instead."""
     device = torch.device(device)
     gen = torch.Generator(device=device)
     q, kv, h, inter = cfg.q_size, cfg.kv_size, cfg.hidden_size, cfg.intermediate_size
@@ -78,8 +103,20 @@ def dummy_tensors(cfg: ModelConfig, dtype: torch.dtype, device, seed: int = 0) -
             out[name] = torch.ones(shape, dtype=dtype, device=device)
         else:
             gen.manual_seed(seed * 100_003 + j)
+            if int4_group_size and name.startswith("layers."):
+                out.update(_int4(name[:-len(".weight")], shape, int4_group_size, dtype, device, gen))
+                continue
             out[name] = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
     return out
+
+
+def _int4(prefix: str, shape, group: int, dtype, device, gen) -> dict:
+    """Uniform codes 0..15, zero point 8, scale 0.005: weights of std ~0.023, like N(0, 0.02)."""
+    n, k = shape
+    return {prefix + ".qweight": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8,
+                                               device=device, generator=gen),
+            prefix + ".scales": torch.full((n, k // group), 0.005, dtype=dtype, device=device),
+            prefix + ".zeros": torch.full((n, k // group), 8, dtype=torch.uint8, device=device)}
 
 
 def fold_ids(ids: list[int], vocab_size: int) -> list[int]:

@@ -144,16 +144,23 @@ class LlamaForCausalLM(nn.Module):
     def from_pretrained(cls, path, rank: int = 0, tp: int = 1, dtype=torch.float32,
                         device="cpu", max_positions: int | None = None,
                         rope_scaling_factor: float = 0.0, use_logn_attn: bool = False) -> "LlamaForCausalLM":
-        """Build from a workspace, the alias, an HF directory, a .gguf or `dummy:SHAPE`."""
-        from labkit.models.loader import load, load_weights
+        """Build from a workspace, the alias, an HF directory, a .gguf, an AWQ folder or
+        `dummy:SHAPE`. Int4 weights make every decoder Linear a W4A16Linear."""
+        from labkit.layers.linear import use_w4a16
+        from labkit.models.loader import int4_group_size, load, load_weights
         cfg, tensors = load(path, rank=rank, tp=tp, dtype=dtype, device=device)
         with torch.device("meta"):
             model = cls(cfg, tp, rank, max_positions, rope_scaling_factor, use_logn_attn)
+            if int4_group_size(tensors):
+                use_w4a16(model, int4_group_size(tensors))
         model = model.to_empty(device=device).to(dtype)
         model.rope.build(torch.device(device))     # not weights: float32 tables on the device
         model.logn.build(torch.device(device))
         load_weights(model, tensors)
-        return model.eval()
+        del tensors
+        if torch.device(device).type == "cuda":   # a rank's shard was copied out of full-size
+            torch.cuda.empty_cache()              # tensors: give their memory back before the
+        return model.eval()                       # KV cache is sized from what is free
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
@@ -176,10 +183,13 @@ class LlamaForCausalLM(nn.Module):
         """hidden (..., H) -> logits (..., V), float32; vocab-split across ranks then gathered."""
         if self.output is not None:
             head = self.output.weight                                    # (V/tp, H)
-        else:
-            n = self.cfg.vocab_size // self.tp
-            head = self.tok_embeddings.weight.narrow(0, self.rank * n, n)  # (V/tp, H)
-        logits = F.linear(hidden, head)                                  # (..., V/tp)
+        else:            # tied: this rank's rows of the embedding, one view kept (a backend
+            head = self.__dict__.get("_tied_head")   # may cache things on the weight it gets)
+            if head is None or head._base is not self.tok_embeddings.weight:
+                n = self.cfg.vocab_size // self.tp
+                head = self.tok_embeddings.weight.narrow(0, self.rank * n, n)  # (V/tp, H)
+                self.__dict__["_tied_head"] = head
+        logits = self.backend.linear(hidden, head)                       # (..., V/tp)
         if self.tp > 1:
             import torch.distributed as dist
             parts = [torch.empty_like(logits) for _ in range(self.tp)]

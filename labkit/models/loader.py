@@ -17,6 +17,10 @@ Tensor names per rank (PyTorch layout, (out_features, in_features)):
     layers.{i}.feed_forward.w1.weight (gate), w3.weight (up) (I/tp, H) column-split
     layers.{i}.feed_forward.w2.weight (down) (H, I/tp) row-split
 The model fuses w1 and w3 into one `feed_forward.w13` projection when it loads them.
+
+Int4 workspaces (weight_type int4, from an AWQ folder) hold each decoder Linear as three
+tensors instead of `.weight`: `.qweight` (out, in/2) uint8, `.scales` and `.zeros`
+(out, in/G) (layout: kernels/w4a16.py); they split across ranks like the weight they replace.
 """
 from __future__ import annotations
 
@@ -62,7 +66,8 @@ def inspect_model(model) -> ModelInfo:
     weights; an online source is read once to learn its shape)."""
     if dummy.is_dummy(model):
         return ModelInfo(dummy.shape_config(model), {}, bundled.bundled_tokenizer_dir(), None,
-                         None, is_dummy=True, weight_type="random")
+                         None, is_dummy=True,
+                         weight_type="random int4" if dummy.int4_group(model) else "random")
     if is_workspace(model):
         ws = Path(model)
         cfg, storage, inference = read_config_ini(weights_dir(ws))
@@ -74,11 +79,12 @@ def inspect_model(model) -> ModelInfo:
     if bundled.is_alias(model):
         import dataclasses
         cfg = dataclasses.replace(cfg, model_name=bundled.BUNDLED_MODEL_NAME)
-    return ModelInfo(cfg, {}, tokenizer_dir_for(src, fmt), None, src)
+    return ModelInfo(cfg, {}, tokenizer_dir_for(src, fmt), None, src,
+                     weight_type="int4" if fmt == "awq" else "fp32")
 
 
 def _read_config_only(src: Path, fmt: str) -> ModelConfig:
-    if fmt == "hf":
+    if fmt in ("hf", "awq"):
         import json
         from labkit.models.sources import model_config_from_hf
         cfg_file = src / "config.json"
@@ -91,7 +97,7 @@ def _read_config_only(src: Path, fmt: str) -> ModelConfig:
 
 def tokenizer_dir_for(src: Path, fmt: str) -> Path:
     """An HF tokenizer folder for a source model (the GGUF tokenizer is extracted once)."""
-    if fmt == "hf":
+    if fmt in ("hf", "awq"):
         return src
     if src.resolve() == bundled.bundled_gguf_path().resolve():
         return bundled.bundled_tokenizer_dir()
@@ -165,12 +171,16 @@ def shard(cfg: ModelConfig, full: dict[str, torch.Tensor], rank: int, tp: int) -
 
     out = {}
     for name, t in full.items():
-        if name.endswith("w_qkv.weight") or name.endswith("w_qkv.bias"):
+        module = name.rpartition(".")[0]       # int4 Linears: .qweight/.scales/.zeros split alike
+        if module.endswith("w_qkv"):
             tq, tk, tv = t.split([q, kv, kv], 0)
             out[name] = torch.cat([rows(tq, q // tp), rows(tk, kv // tp), rows(tv, kv // tp)], 0)
-        elif name.endswith(("w1.weight", "w3.weight")) or name == "output.weight":
+        elif module.endswith(("w1", "w3")) or module == "output":
             out[name] = rows(t, t.shape[0] // tp)
-        elif name.endswith(("wo.weight", "w2.weight")):
+        elif module.endswith(("wo", "w2")):
+            if t.shape[1] % tp:
+                raise ConfigError(f"tp={tp} is not allowed for this workspace: {name} has "
+                                  f"{t.shape[1]} columns (int4 groups), not divisible by {tp}")
             n = t.shape[1] // tp
             out[name] = t.narrow(1, rank * n, n)
         else:
@@ -187,7 +197,8 @@ def load(path, rank: int = 0, tp: int = 1, dtype: torch.dtype | None = None,
     if dummy.is_dummy(path):
         cfg = dummy.shape_config(path)
         cfg.check_tp(tp)
-        full = dummy.dummy_tensors(cfg, dtype or torch.float32, device)
+        full = dummy.dummy_tensors(cfg, dtype or torch.float32, device,
+                                   int4_group_size=dummy.int4_group(path))
         return cfg, shard(cfg, full, rank, tp)
     if is_workspace(path):
         from safetensors.torch import load_file
@@ -203,6 +214,10 @@ def load(path, rank: int = 0, tp: int = 1, dtype: torch.dtype | None = None,
             raise ConfigError(f"tp={tp} is not allowed for this workspace: it was converted with "
                               f"tensor_para_size={stored}; use tp={stored}, or convert with --tp 1 "
                               f"to choose tp at load time")
+    elif detect_format(source_path(path)) == "awq":   # an AWQ folder, converted online
+        from labkit.quant.awq_io import read_awq_dir
+        cfg, full, _ = read_awq_dir(path, dtype or torch.float32)
+        tensors = shard(cfg, full, rank, tp)
     else:
         src = source_path(path)
         cfg, hf = read_source(src, detect_format(src))
@@ -210,12 +225,19 @@ def load(path, rank: int = 0, tp: int = 1, dtype: torch.dtype | None = None,
             import dataclasses
             cfg = dataclasses.replace(cfg, model_name=bundled.BUNDLED_MODEL_NAME)
         tensors = shard(cfg, to_turbomind(cfg, hf, dtype or torch.float32), rank, tp)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    if dtype is not None:       # int4 codes and zero points keep their integer type
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     return cfg, tensors
 
 
-FUSED = {"feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight")}
+def int4_group_size(tensors: dict[str, torch.Tensor]) -> int:
+    """The group size of int4 tensors (0 when the Linears are dense)."""
+    qw, sc = tensors.get("layers.0.attention.wo.qweight"), tensors.get("layers.0.attention.wo.scales")
+    return 0 if qw is None else qw.shape[1] * 2 // sc.shape[1]
+
+
+FUSED = {f"feed_forward.w13.{t}": (f"feed_forward.w1.{t}", f"feed_forward.w3.{t}")
+         for t in ("weight", "qweight", "scales", "zeros")}
 
 
 @torch.no_grad()

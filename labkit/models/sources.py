@@ -22,12 +22,21 @@ def detect_format(path: Path) -> str:
     if path.is_file() and path.suffix == ".gguf":
         return "gguf"
     if path.is_dir():
-        return "hf"
+        return "awq" if _quant_method(path) == "awq" else "hf"
     if not path.exists():
         raise SourceError(f"model {str(path)!r} does not exist; give the alias smollm2-135m, "
                           f"an HF directory, a .gguf file or a workspace")
     raise SourceError(f"model {str(path)!r}: cannot tell its format; expected an HF directory "
                       f"(config.json + *.safetensors) or a .gguf file")
+
+
+def _quant_method(path: Path) -> str | None:
+    """quantization_config.quant_method of an HF directory's config.json (None: not quantized)."""
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (qc or {}).get("quant_method") if isinstance(qc, dict) else None
 
 
 # ---------------------------------------------------------------------------- HF directory
@@ -45,6 +54,11 @@ def read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         raise SourceError(f"{path}: no *.safetensors weights found (only safetensors HF "
                           f"checkpoints are read; re-save with safe_serialization=True)")
     hf = json.loads(cfg_file.read_text())
+    method = _quant_method(path)
+    if method is not None:
+        hint = ("read it with --model-format awq" if method == "awq" else
+                "labkit reads unquantized HF checkpoints and AWQ folders")
+        raise SourceError(f"{path}: this model is already quantized ({method}); {hint}")
     archs = hf.get("architectures") or ["?"]
     if hf.get("model_type") not in ("llama", "mistral", "qwen2") and "Llama" not in archs[0]:
         raise SourceError(f"{path}: model_type {hf.get('model_type')!r} is not supported; "
@@ -186,6 +200,6 @@ def read_source(path: Path, model_format: str | None = None):
     """(ModelConfig, HF-named tensors) from an HF directory or a .gguf file."""
     fmt = model_format or detect_format(Path(path))
     if fmt not in ("hf", "gguf"):
-        raise SourceError(f"model_format={fmt!r} is not allowed: model_format must be hf or gguf "
-                          f"(awq comes with the W4A16 lesson)")
+        raise SourceError(f"model_format={fmt!r} is not allowed here: model_format must be hf "
+                          f"or gguf (AWQ folders are read by labkit.quant.awq_io)")
     return read_gguf(path) if fmt == "gguf" else read_hf_dir(path)

@@ -1,0 +1,146 @@
+"""paged_decode over an int8/int4 KV cache: one new query token per sequence attends to all of
+its cached tokens, reading codes + scales + zeros (kernels/kv_quant.py) instead of K/V.
+
+    paged_decode_quant_ref     PyTorch: per sequence, dequantize its K/V, then attend
+    paged_decode_quant_triton  Triton: the kernel of kernels/paged_decode.py (FlashDecoding on the
+                               paged cache: one program per (sequence, KV head, split), GQA group
+                               packed into the rows of one tile, split-KV + a combine kernel)
+                               with the dequantization fused into the tile loop
+
+Why it is faster than bf16: a decode step reads the whole cache once and does little math per
+byte, so its time is the bytes read. int8 reads D + 3 bytes per (token, head) instead of 2D,
+int4 D/2 + 4. The kernel keeps it that way by never writing a dequantized tile: codes become
+float16 with one integer OR (see load_code_halves) and scale and zero are applied per token to
+the scores and the softmax weights (see attend_quant_tile).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels._triton import require_triton, tl, triton
+from kernels.kv_quant import QuantKVCache, attend_quant_tile, gather_dequant, load_query_halves
+from kernels.paged_decode import _reduce_splits_kernel, decode_num_splits
+from kernels.paged_kv import attend_ref
+
+__all__ = ["paged_decode_quant_ref", "paged_decode_quant_triton"]
+
+
+def paged_decode_quant_ref(
+    q: torch.Tensor,  # (B, Hq, D) one new token per sequence
+    k_cache: QuantKVCache,  # codes (num_blocks, block_size, Hkv, D or D/2) + scale/zero
+    v_cache: QuantKVCache,
+    block_tables: torch.Tensor,  # (B, max_blocks_per_seq) int32, padded with -1 or 0
+    context_lens: torch.Tensor,  # (B,) int32, cached tokens incl. the new one
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention over the quantized cache, the readable way: dequantize exactly the
+    context_len tokens of each sequence (float32, or q's dtype if wider), then attend as
+    paged_decode_ref does. Returns (B, Hq, D) in q's dtype; a row with context_len 0 gets zeros."""
+    out = torch.zeros_like(q)  # (B, Hq, D)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    tables, lens = block_tables.tolist(), context_lens.tolist()  # one host sync per call
+    for b, n in enumerate(lens):
+        if n == 0:
+            continue
+        kb = gather_dequant(k_cache, tables[b], n, dtype)  # (n, Hkv, D)
+        vb = gather_dequant(v_cache, tables[b], n, dtype)
+        out[b] = attend_ref(q[b, None].to(dtype), kb, vb, None, scale)[0].to(q.dtype)  # (Hq, D)
+    return out
+
+
+# ----------------------------------------------------------------------------- Triton
+@triton.jit
+def _decode_quant_kernel(
+    q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, tables_ptr, lens_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale,                                   # softmax scale x log2(e)
+    stride_qb, stride_qh, stride_tb, stride_ob, stride_oh,
+    BLOCK_SIZE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+    GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BITS: tl.constexpr, MAGIC: tl.constexpr, IEEE: tl.constexpr,
+):
+    HALF: tl.constexpr = D // 2
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    ctx = tl.load(lens_ptr + b)
+    # this split's token range [start, end), whole tiles except at the end of the context
+    tiles_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), NUM_SPLITS)
+    start = s * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx)
+
+    g = tl.arange(0, GROUP_P)                                    # (GP,) query head in group
+    gm = g < GROUP
+    heads = h * GROUP + g                                        # (GP,) query head ids
+    q_lo, q_hi, q_sum = load_query_halves(q_ptr + b * stride_qb + heads[:, None] * stride_qh,
+                                          gm[:, None], D, MAGIC)  # (GP, HALF) x2, (GP,)
+    m_i = tl.full([GROUP_P], float("-inf"), tl.float32)          # running max (log2 domain)
+    l_i = tl.zeros([GROUP_P], tl.float32)                        # running sum of exp2
+    acc_lo = tl.zeros([GROUP_P, HALF], tl.float32)               # running p @ V, two halves
+    acc_hi = tl.zeros([GROUP_P, HALF], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        t = n0 + tl.arange(0, BLOCK_N)                           # (BN,) token positions
+        valid = t < end
+        blk = tl.load(tables_ptr + b * stride_tb + t // BLOCK_SIZE, mask=valid, other=0)
+        rows = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * HKV + h  # (BN,) cache rows
+        m_i, l_i, acc_lo, acc_hi = attend_quant_tile(
+            q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid, valid[None, :],
+            kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, qk_scale, D, BITS, MAGIC, IEEE, True)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)                         # empty range: zeros, not NaN
+    o_lo = acc_lo / l_safe[:, None]                              # (GP, HALF)
+    o_hi = acc_hi / l_safe[:, None]
+    dl = tl.arange(0, HALF)
+    if NUM_SPLITS == 1:
+        dst = out_ptr + b * stride_ob + heads[:, None] * stride_oh + dl[None, :]
+        tl.store(dst, o_lo.to(out_ptr.dtype.element_ty), mask=gm[:, None])
+        tl.store(dst + HALF, o_hi.to(out_ptr.dtype.element_ty), mask=gm[:, None])
+    else:
+        # partials laid out (B, Hq, NUM_SPLITS, D) and (B, Hq, NUM_SPLITS), as paged_decode's
+        base = (b * (HKV * GROUP) + heads) * NUM_SPLITS + s      # (GP,)
+        dst = part_out_ptr + base[:, None] * D + dl[None, :]
+        tl.store(dst, o_lo, mask=gm[:, None])
+        tl.store(dst + HALF, o_hi, mask=gm[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
+        tl.store(part_lse_ptr + base, lse, mask=gm)
+
+
+def paged_decode_quant_triton(q, k_cache: QuantKVCache, v_cache: QuantKVCache, block_tables,
+                              context_lens, scale, num_splits: int | None = None,
+                              block_n: int | None = None, num_warps: int = 4,
+                              num_stages: int = 2, magic: bool | None = None,
+                              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `paged_decode_quant_ref`; one launch (two with split-KV), no host sync.
+    `magic` (default: for 16-bit q) turns codes into float16 without conversion instructions;
+    `out` (B, Hq, D), when given, receives the result (tests poison it first)."""
+    require_triton()
+    B, Hq, D = q.shape
+    _, block_size, Hkv, _ = k_cache.data.shape
+    assert k_cache.head_dim == D and Hq % Hkv == 0 and D == triton.next_power_of_2(D) and D >= 32
+    assert k_cache.bits == v_cache.bits and q.stride(-1) == 1
+    out = torch.empty_like(q) if out is None else out                      # (B, Hq, D)
+    if B == 0:
+        return out
+    group = Hq // Hkv
+    splits = num_splits or decode_num_splits(B, Hkv, q.device)
+    magic = q.dtype != torch.float32 if magic is None else magic
+    if block_n is None:
+        block_n = 64 if D >= 128 or not magic else 128
+    if splits > 1:
+        part_out = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out                                          # unused
+    _decode_quant_kernel[(B, Hkv, splits)](
+        q, k_cache.data, k_cache.scale, k_cache.zero, v_cache.data, v_cache.scale, v_cache.zero,
+        block_tables, context_lens, out, part_out, part_lse,
+        scale * 1.4426950408889634, q.stride(0), q.stride(1), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        BLOCK_SIZE=block_size, HKV=Hkv, D=D, GROUP=group,
+        GROUP_P=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=splits,
+        BITS=k_cache.bits, MAGIC=magic, IEEE=not magic and q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages)
+    if splits > 1:
+        _reduce_splits_kernel[(B, Hq)](part_out, part_lse, out, out.stride(0), out.stride(1),
+                                       HQ=Hq, D=D, NUM_SPLITS=splits,
+                                       SPLITS_P=triton.next_power_of_2(splits), num_warps=4)
+    return out

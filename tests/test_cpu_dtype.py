@@ -1,0 +1,89 @@
+"""The engine's dtype on CPU: `auto` means bf16 where the CPU computes it natively, and the bf16
+model stays as close to the fp32 truth (HF transformers in fp32) as HF's own bf16 model does."""
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from labkit.config import ConfigError, EngineConfig, GenerationConfig
+from labkit.engine import device as dev
+from tests.helpers import hf_model, hf_tokenizer, workspace
+
+
+def _cpuinfo_flags() -> set[str] | None:
+    p = Path("/proc/cpuinfo")
+    if not p.is_file():
+        return None
+    for line in p.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+def test_cpu_bf16_detection_agrees_with_proc_cpuinfo():
+    flags = _cpuinfo_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo (not Linux)")
+    native = bool({"avx512_bf16", "amx_bf16"} & flags) and "avx512f" in flags
+    assert dev.cpu_computes_bf16() == native
+    assert dev.resolve_device(EngineConfig(device="cpu"))[1] == (torch.bfloat16 if native else torch.float32)
+
+
+@pytest.mark.parametrize("native,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_on_cpu(monkeypatch, native, expected):
+    monkeypatch.setattr(dev, "cpu_computes_bf16", lambda: native)
+    assert dev.resolve_device(EngineConfig(device="cpu"))[1] == expected
+    # an explicit dtype always wins
+    assert dev.resolve_device(EngineConfig(device="cpu", dtype="float32"))[1] == torch.float32
+    assert dev.resolve_device(EngineConfig(device="cpu", dtype="bf16"))[1] == torch.bfloat16
+
+
+def test_dtype_spellings_and_bad_value():
+    assert [EngineConfig(dtype=d).dtype for d in ("fp32", "bf16", "fp16", "bfloat16")] == \
+        ["float32", "bfloat16", "float16", "bfloat16"]
+    with pytest.raises(ConfigError, match=r"dtype='int8'.*auto, float32 \(fp32\), bfloat16 \(bf16\)"):
+        EngineConfig(dtype="int8")
+
+
+@pytest.fixture(scope="module")
+def hf_bf16():
+    from transformers import AutoModelForCausalLM
+    from labkit.models.bundled import bundled_gguf_path
+    src = bundled_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
+                                                dtype=torch.bfloat16).eval()
+
+
+def test_bf16_logits_as_close_to_fp32_as_hf_bf16(hf_bf16):
+    from labkit.models.llama import LlamaForCausalLM
+    ours = LlamaForCausalLM.from_pretrained(workspace("smollm2-135m"), dtype=torch.bfloat16)
+    truth = hf_model("smollm2-135m")                                        # HF, fp32
+    seed = random.randrange(2**31)
+    ids = torch.randint(0, truth.config.vocab_size, (2, 29), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = truth(ids).logits                                             # (2, 29, V) fp32
+        err_ours = (ours(ids).float() - ref).abs().max().item()
+        err_hf = (hf_bf16(ids).logits.float() - ref).abs().max().item()
+    assert 0 < err_ours <= 1.5 * err_hf, f"ours {err_ours:.3f} vs HF bf16 {err_hf:.3f} (seed {seed})"
+
+
+def test_bf16_engine_picks_near_argmax_tokens():
+    """The bf16 engine's greedy tokens (paged KV path) are the fp32 model's argmax, or a near-tie:
+    teacher-forced through HF in fp32, each chosen token's logit is within 0.5 of the best."""
+    from labkit.engine.engine import LLMEngine
+    eng = LLMEngine(workspace("smollm2-135m"), EngineConfig(dtype="bf16", max_batch_size=4,
+                                                            session_len=512, cache_max_entry_count=32))
+    assert eng.dtype == torch.bfloat16
+    prompts = ["Explain what a KV cache is.", "Write a haiku about the sea.", "What is 17 times 3?"]
+    outs = eng.generate(prompts, GenerationConfig(max_new_tokens=24, ignore_eos=True))
+    tok, truth = hf_tokenizer(), hf_model("smollm2-135m")
+    for p, o in zip(prompts, outs):
+        prompt = eng.tokenizer.prompt_to_ids(p)
+        ids = torch.tensor([prompt + o.token_ids])                         # (1, L)
+        with torch.no_grad():
+            logits = truth(ids).logits[0, len(prompt) - 1:-1]               # (24, V) fp32
+        chosen = logits.gather(1, torch.tensor(o.token_ids)[:, None])[:, 0]  # (24,)
+        gap = (logits.max(-1).values - chosen).max().item()
+        assert gap < 0.5, f"{p!r}: a chosen token is {gap:.2f} below the fp32 argmax ({tok.decode(o.token_ids)!r})"
+    assert eng.stats()["blocks_used"] == 0
