@@ -116,7 +116,7 @@ def test_engine_decodes_past_trained_length_like_hf(short_model, decode_case, fa
     attention function) pick the same tokens, and those differ from plain RoPE's, so the knobs
     are really in effect."""
     prompt, n, plain = decode_case
-    engine = LLMEngine(short_model, EngineConfig(rope_scaling_factor=factor, use_logn_attn=logn,
+    engine = LLMEngine(short_model, EngineConfig(dtype="float32", rope_scaling_factor=factor, use_logn_attn=logn,
                                                  session_len=4 * TRAINED, cache_block_seq_len=16,
                                                  cache_max_entry_count=32, max_batch_size=2))
     ours, = engine.generate([prompt], GenerationConfig(max_new_tokens=n, ignore_eos=True))

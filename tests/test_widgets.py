@@ -66,7 +66,8 @@ def test_weights_per_rank_follow_the_loaders_split():
         m = memory.memory_breakdown(MODEL, tp=tp, **BUDGET)
         for rank in range(tp):
             _, tensors = load(MODEL, rank=rank, tp=tp)
-            assert m.weights_bytes == sum(t.numel() * 4 for t in tensors.values()), (tp, rank)
+            elem = torch.empty((), dtype=getattr(torch, m.dtype)).element_size()  # bf16 or fp32 (dtype=auto)
+            assert m.weights_bytes == sum(t.numel() * elem for t in tensors.values()), (tp, rank)
     fig = memory.draw_memory(memory.memory_breakdown(MODEL, tp=2, **BUDGET))
     assert len(bars(fig, "weights")) == 2                      # one stacked bar per device
 
