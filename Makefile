@@ -49,10 +49,17 @@ browser:
 test: install browser
 	LABKIT_FAST=$${LABKIT_FAST:-1} $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# Every notebook executed headless (full sizes; LABKIT_FAST=1 make course for the CI sizes) into
+# build/NAME.ipynb with its outputs, then build/NAME.html from that executed copy. Stops at the
+# first notebook with an error (the executed part is kept in build/ to look at).
 course: install
 	mkdir -p build
-	LABKIT_FAST=$${LABKIT_FAST:-0} $(VENV)/bin/jupyter nbconvert --to notebook --execute \
-	    --ExecutePreprocessor.timeout=1800 --output-dir build notebooks/*.ipynb
+	cd notebooks && for nb in *.ipynb; do \
+	  echo "== $$nb"; \
+	  LABKIT_FAST=$${LABKIT_FAST:-0} $(abspath $(VENV))/bin/jupyter nbconvert --to notebook --execute \
+	    --ExecutePreprocessor.timeout=1800 --output-dir ../build "$$nb" || exit 1; \
+	  $(abspath $(VENV))/bin/jupyter nbconvert --to html --output-dir ../build "../build/$$nb" || exit 1; \
+	done
 
 bench: install
 	$(PIP) install -q -e ".[bench]"      # llama.cpp, the CPU peer (may build from source)

@@ -64,34 +64,50 @@ def draw_block_pool(snap: BlockSnapshot, cols: int = 16, title: str | None = Non
     """Left: each request's block table (logical block j -> physical block id, shaded by how
     full it is). Right: the physical pool, each block coloured by the request that owns it."""
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch, Rectangle
 
-    rids = list(snap.tables)
-    colour = _colour_of(rids)
-    owners = snap.owners()
+    colour = _colour_of(list(snap.tables))
     width = max([len(t) for t in snap.tables.values()] + [1])
     rows = -(-snap.num_blocks // cols)
-    fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(13, 1.2 + 0.55 * max(len(rids), rows)),
+    fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(13, 1.2 + 0.55 * max(len(snap.tables), rows)),
                                      gridspec_kw={"width_ratios": [width + 3, cols]})
+    draw_tables(ax_t, snap, colour)
+    draw_pool(ax_p, snap, colour, cols)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def draw_tables(ax, snap: BlockSnapshot, colour: dict[str, str]) -> None:
+    """Each request's block table on `ax`, one row per request."""
+    from matplotlib.patches import Rectangle
+    rids = list(snap.tables)
+    width = max([len(t) for t in snap.tables.values()] + [1])
     bs = snap.block_size
-    for r, rid in enumerate(rids):                      # block tables, one row per request
+    for r, rid in enumerate(rids):
         y = len(rids) - 1 - r
         for j, b in enumerate(snap.tables[rid]):
             filled = min(bs, max(0, snap.kv_tokens[rid] - j * bs)) / bs
-            ax_t.add_patch(Rectangle((j, y), 1, 1, facecolor="white", edgecolor="black"))
-            ax_t.add_patch(Rectangle((j, y), filled, 1, facecolor=colour[rid], alpha=0.85))
-            ax_t.text(j + 0.5, y + 0.5, str(b), ha="center", va="center", fontsize=8)
-        ax_t.text(-0.2, y + 0.5, f"{rid} ({snap.kv_tokens[rid]} tok)", ha="right", va="center", fontsize=9)
-    ax_t.set_xlim(-0.1, width + 0.1)
-    ax_t.set_ylim(-0.1, max(len(rids), 1) + 0.1)
-    ax_t.set_xticks([j + 0.5 for j in range(width)], [str(j) for j in range(width)])
-    ax_t.set_yticks([])
-    ax_t.set_xlabel("logical block (number inside = physical block id; fill = tokens written)")
-    ax_t.set_title("block tables")
+            ax.add_patch(Rectangle((j, y), 1, 1, facecolor="white", edgecolor="black"))
+            ax.add_patch(Rectangle((j, y), filled, 1, facecolor=colour[rid], alpha=0.85))
+            ax.text(j + 0.5, y + 0.5, str(b), ha="center", va="center", fontsize=8)
+        ax.text(-0.2, y + 0.5, f"{rid} ({snap.kv_tokens[rid]} tok)", ha="right", va="center", fontsize=9)
+    ax.set_xlim(-0.1, width + 0.1)
+    ax.set_ylim(-0.1, max(len(rids), 1) + 0.1)
+    ax.set_xticks([j + 0.5 for j in range(width)], [str(j) for j in range(width)])
+    ax.set_yticks([])
+    ax.set_xlabel("logical block (number inside = physical block id; fill = tokens written)")
+    ax.set_title("block tables")
     for s in ("top", "right", "left"):
-        ax_t.spines[s].set_visible(False)
+        ax.spines[s].set_visible(False)
 
-    for b in range(snap.num_blocks):                    # the physical pool
+
+def draw_pool(ax, snap: BlockSnapshot, colour: dict[str, str], cols: int = 16) -> None:
+    """The physical block pool on `ax`, each block coloured by its owner, with a legend."""
+    from matplotlib.patches import Patch, Rectangle
+    owners = snap.owners()
+    rows = -(-snap.num_blocks // cols)
+    for b in range(snap.num_blocks):
         x, y = b % cols, rows - 1 - b // cols
         who = owners.get(b, [])
         if who:
@@ -100,26 +116,22 @@ def draw_block_pool(snap: BlockSnapshot, cols: int = 16, title: str | None = Non
             face, hatch = "#bbbbbb", "xx"
         else:
             face, hatch = "white", None
-        ax_p.add_patch(Rectangle((x, y), 1, 1, facecolor=face, edgecolor="black", hatch=hatch,
-                                 alpha=0.85 if who else 1.0))
-        ax_p.text(x + 0.5, y + 0.5, str(b), ha="center", va="center", fontsize=7)
-    ax_p.set_xlim(0, cols)
-    ax_p.set_ylim(0, rows)
-    ax_p.set_aspect("equal")
-    ax_p.axis("off")
+        ax.add_patch(Rectangle((x, y), 1, 1, facecolor=face, edgecolor="black", hatch=hatch,
+                               alpha=0.85 if who else 1.0))
+        ax.text(x + 0.5, y + 0.5, str(b), ha="center", va="center", fontsize=7)
+    ax.set_xlim(0, cols)
+    ax.set_ylim(0, rows)
+    ax.set_aspect("equal")
+    ax.axis("off")
     used = sum(1 for c in snap.ref_counts if c > 0)
-    ax_p.set_title(f"physical block pool: {used} used, {sum(snap.cached)} cached, "
-                   f"{snap.num_blocks - used - sum(snap.cached)} never used / wiped "
-                   f"({bs} tokens per block)")
-    handles = [Patch(facecolor=colour[r], label=r) for r in rids]
+    ax.set_title(f"physical block pool: {used} used, {sum(snap.cached)} cached, "
+                 f"{snap.num_blocks - used - sum(snap.cached)} never used / wiped "
+                 f"({snap.block_size} tokens per block)")
+    handles = [Patch(facecolor=colour[r], label=r) for r in snap.tables]
     handles += [Patch(facecolor="white", edgecolor="black", hatch="//", label="shared (ref > 1)"),
                 Patch(facecolor="#bbbbbb", edgecolor="black", hatch="xx", label="cached, free"),
                 Patch(facecolor="white", edgecolor="black", label="free")]
-    ax_p.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
 
 
 # ---------------------------------------------------------------------------- timelines

@@ -56,10 +56,6 @@ class LLMEngine:
         self.config, self.config_notes = resolve_engine_config(engine_config, info.inference, cfg)
         ec = self.config
         cfg.check_tp(ec.tp)               # a clear error before any rank's process starts
-        if ec.rope_scaling_factor not in (0, 1) or ec.use_logn_attn:
-            raise ConfigError(f"rope_scaling_factor={ec.rope_scaling_factor}, use_logn_attn="
-                              f"{int(bool(ec.use_logn_attn))} are not allowed yet: dynamic NTK and "
-                              f"logn attention come with lesson 07; use 0 and 0")
         self.device, self.dtype = resolve_device(ec)
         self.tp_group = None
         try:
@@ -89,7 +85,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.model = LlamaForCausalLM.from_pretrained(
             model, rank=0, tp=ec.tp, dtype=self.dtype, device=self.device,
-            max_positions=max_positions)
+            max_positions=max_positions, rope_scaling_factor=ec.rope_scaling_factor,
+            use_logn_attn=ec.use_logn_attn)
         self.load_seconds = time.perf_counter() - t0
         self.kv_plan = plan_kv_cache(cfg, ec, self.device, self.dtype, workspace=workspace)
         if self.tp_group is not None:

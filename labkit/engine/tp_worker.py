@@ -76,7 +76,9 @@ def build(setup: dict, rank: int, tp: int, device: torch.device, ctrl):
     ec, dtype = setup["ec"], getattr(torch, setup["dtype"])
     try:
         model = LlamaForCausalLM.from_pretrained(setup["model"], rank=rank, tp=tp, dtype=dtype,
-                                                 device=device, max_positions=setup["max_positions"])
+                                                 device=device, max_positions=setup["max_positions"],
+                                                 rope_scaling_factor=ec.rope_scaling_factor,
+                                                 use_logn_attn=ec.use_logn_attn)
         plan = plan_kv_cache(model.cfg, ec, device, dtype, workspace=_path(setup.get("workspace")))
         status = {"num_blocks": plan.num_blocks}
     except Exception as e:

@@ -8,11 +8,15 @@ Two ways in:
   `paged_decode` (one new token per sequence). The ops come from the backend
   (labkit/layers/backend.py): the PyTorch references or the Triton kernels.
 
+`LognScaling` is Qwen's logn attention (LMDeploy's use_logn_attn): past the trained length T
+the softmax sees more keys and flattens, so queries are sharpened by log(p + 1) / log(T).
+
 With quant_policy 8/4 the caches are `QuantKVCache`s (int8/int4 codes + per-token scales and
 zeros, kernels/kv_quant.py): the store quantizes, prefill/decode dequantize inside attention.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,6 +38,36 @@ class AttentionMetadata:
     cu_seqlens_q: Optional[torch.Tensor] = None   # (B+1,) int32, prefill only
     max_seqlen_q: int = 1
     decode_splits: Optional[int] = None  # split-KV factor of the decode kernel (None: its choice)
+
+
+def logn_table(max_positions: int, trained_len: int, device=None) -> torch.Tensor:
+    """(P,) float32: log(p + 1) / log(T) for positions p >= T, 1 before (Qwen's logn_list:
+    the token at 1-based position n > T is scaled by log_T(n))."""
+    n = torch.arange(1, max_positions + 1, dtype=torch.float64, device=device)  # (P,) 1-based
+    scale = torch.where(n > trained_len, n.log() / math.log(trained_len), torch.ones_like(n))
+    return scale.float()
+
+
+class LognScaling(nn.Module):
+    """Multiplies queries in place by logn_table[position] when enabled; keys and values are
+    untouched, so the KV cache (and every prefix-cache block) is the same with and without it."""
+
+    def __init__(self, max_positions: int, trained_len: int, enabled: bool = False):
+        super().__init__()
+        self.max_positions, self.trained_len, self.enabled = max_positions, trained_len, enabled
+        self.register_buffer("scale", torch.empty(0), persistent=False)
+        self.build()
+
+    def build(self, device=None) -> "LognScaling":
+        device = device or self.scale.device
+        if device.type == "meta":
+            device = torch.device("cpu")
+        self.scale = logn_table(self.max_positions, self.trained_len, device)       # (P,)
+        return self
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """q (..., Hq, D) with positions' leading dims, scaled in place; returns q."""
+        return q.mul_(self.scale[positions][..., None, None])                     # (..., 1, 1)
 
 
 class Attention(nn.Module):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit.config import ModelConfig
-from labkit.layers.attention import Attention, AttentionMetadata
+from labkit.layers.attention import Attention, AttentionMetadata, LognScaling
 from labkit.layers.backend import TORCH
 from labkit.layers.linear import Linear
 from labkit.layers.norm import RMSNorm
@@ -38,14 +38,14 @@ def _all_reduce(x: torch.Tensor, tp: int) -> torch.Tensor:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: int, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, tp: int, rope: RotaryEmbedding, logn: LognScaling):
         super().__init__()
         self.tp = tp
         self.hq, self.hkv, self.d = cfg.num_heads // tp, cfg.num_kv_heads // tp, cfg.head_dim
         self.w_qkv = Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.attn_bias)
         self.wo = Linear(self.hq * self.d, cfg.hidden_size)
         self.attn = Attention(self.hq, self.hkv, self.d)
-        self.rope = rope                       # one module shared by every layer
+        self.rope, self.logn = rope, logn      # position tables shared by every layer
 
     def forward(self, h, positions, md: AttentionMetadata | None):
         lead = h.shape[:-1]                                          # (N,) or (B, L)
@@ -53,6 +53,8 @@ class LlamaAttention(nn.Module):
         # q and k heads are rotated together, in place (one RoPE pass); v is left as it is
         self.rope(positions, qkv[..., :self.hq + self.hkv, :])
         q, k, v = qkv.split([self.hq, self.hkv, self.hkv], -2)       # (..., h*, D) views
+        if self.logn.enabled:                                        # use_logn_attn
+            self.logn(positions, q)                                  # q *= log_T(p + 1) past T
         o = self.attn(q, k, v, md).reshape(*lead, self.hq * self.d)  # (..., hq*D)
         return _all_reduce(self.wo(o), self.tp)                      # (..., H)
 
@@ -72,10 +74,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: int, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, tp: int, rope: RotaryEmbedding, logn: LognScaling):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attention = LlamaAttention(cfg, tp, rope)
+        self.attention = LlamaAttention(cfg, tp, rope, logn)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = LlamaMLP(cfg, tp)
 
@@ -100,14 +102,18 @@ class Embedding(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: int = 1, rank: int = 0, max_positions: int | None = None):
+    def __init__(self, cfg: ModelConfig, tp: int = 1, rank: int = 0, max_positions: int | None = None,
+                 rope_scaling_factor: float = 0.0, use_logn_attn: bool = False):
         super().__init__()
         cfg.check_tp(tp)
         self.cfg, self.tp, self.rank = cfg, tp, rank
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta,
-                                    max_positions or cfg.max_position_embeddings)
+        positions, trained = max_positions or cfg.max_position_embeddings, cfg.max_position_embeddings
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, positions,
+                                    rope_scaling_factor or 0.0, trained)
+        self.logn = LognScaling(positions, trained, bool(use_logn_attn))
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaLayer(cfg, tp, self.rope) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaLayer(cfg, tp, self.rope, self.logn)
+                                    for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.output = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size // tp)
         self.backend = TORCH
@@ -119,20 +125,37 @@ class LlamaForCausalLM(nn.Module):
                 m.backend = backend
         return self
 
+    def set_position_scaling(self, rope_scaling_factor: float = 0.0, use_logn_attn: bool = False,
+                             trained_len: int | None = None) -> "LlamaForCausalLM":
+        """Long-context knobs (LMDeploy's rope_scaling_factor and use_logn_attn), switchable on
+        a loaded model: dynamic NTK RoPE (factor >= 1, 0 = off) and logn query scaling, both
+        acting past `trained_len` (default: the model's max_position_embeddings; a smaller
+        value pretends the model was trained on shorter texts, for experiments)."""
+        from labkit.config import validate_inference_fields
+        validate_inference_fields({"rope_scaling_factor": rope_scaling_factor,
+                                   "use_logn_attn": use_logn_attn})
+        trained = trained_len or self.cfg.max_position_embeddings
+        self.rope.set_scaling(rope_scaling_factor, trained)
+        self.logn.trained_len, self.logn.enabled = trained, bool(use_logn_attn)
+        self.logn.build()
+        return self
+
     @classmethod
     def from_pretrained(cls, path, rank: int = 0, tp: int = 1, dtype=torch.float32,
-                        device="cpu", max_positions: int | None = None) -> "LlamaForCausalLM":
+                        device="cpu", max_positions: int | None = None,
+                        rope_scaling_factor: float = 0.0, use_logn_attn: bool = False) -> "LlamaForCausalLM":
         """Build from a workspace, the alias, an HF directory, a .gguf, an AWQ folder or
         `dummy:SHAPE`. Int4 weights make every decoder Linear a W4A16Linear."""
         from labkit.layers.linear import use_w4a16
         from labkit.models.loader import int4_group_size, load, load_weights
         cfg, tensors = load(path, rank=rank, tp=tp, dtype=dtype, device=device)
         with torch.device("meta"):
-            model = cls(cfg, tp, rank, max_positions)
+            model = cls(cfg, tp, rank, max_positions, rope_scaling_factor, use_logn_attn)
             if int4_group_size(tensors):
                 use_w4a16(model, int4_group_size(tensors))
         model = model.to_empty(device=device).to(dtype)
         model.rope.build(torch.device(device))     # not weights: float32 tables on the device
+        model.logn.build(torch.device(device))
         load_weights(model, tensors)
         del tensors
         if torch.device(device).type == "cuda":   # a rank's shard was copied out of full-size
