@@ -33,7 +33,8 @@ def question(rng) -> str:
 def server():
     srv = ServerProcess(workspace("smollm2-135m"), "--session-len", SESSION_LEN,
                         "--cache-max-entry-count", 96, "--cache-block-seq-len", BS,
-                        "--max-batch-size", 8, "--api-keys", KEY, "--served-model-name", NAME)
+                        "--max-batch-size", 8, "--api-keys", KEY, "--served-model-name", NAME,
+                        "--dtype", "float32")   # compared token for token with the pipeline
     yield srv
     srv.stop()
 
@@ -41,7 +42,7 @@ def server():
 @pytest.fixture(scope="module")
 def pipe():
     p = pipeline(str(workspace("smollm2-135m")), backend_config=EngineConfig(
-        session_len=SESSION_LEN, cache_max_entry_count=96, cache_block_seq_len=BS))
+        session_len=SESSION_LEN, cache_max_entry_count=96, cache_block_seq_len=BS, dtype="float32"))
     yield p
     p.close()
 

@@ -31,7 +31,8 @@ def ask() -> str:
 @pytest.fixture(scope="module")
 def pipe():
     p = pipeline(str(workspace("smollm2-135m")),
-                 backend_config=EngineConfig(session_len=SESSION_LEN, cache_max_entry_count=64))
+                 backend_config=EngineConfig(session_len=SESSION_LEN, cache_max_entry_count=64,
+                                             dtype="float32"))
     yield p
     p.close()
 
@@ -39,7 +40,7 @@ def pipe():
 @pytest.fixture(scope="module")
 def api_server():
     srv = ServerProcess(workspace("smollm2-135m"), "--session-len", SESSION_LEN,
-                        "--cache-max-entry-count", 64)
+                        "--cache-max-entry-count", 64, "--dtype", "float32")
     yield srv
     srv.stop()
 
@@ -56,7 +57,8 @@ def ui_on_server(api_server):
 def ui_local():
     from labkit.serve.gradio_app import launch
     ui = launch(str(workspace("smollm2-135m")), server_port=free_port(),
-                engine_config=EngineConfig(session_len=SESSION_LEN, cache_max_entry_count=64))
+                engine_config=EngineConfig(session_len=SESSION_LEN, cache_max_entry_count=64,
+                                           dtype="float32"))
     yield ui
     ui.close()
 

@@ -80,7 +80,8 @@ def test_quant_policy_changes_kv_bytes_and_capacity(qp, bits):
     quant = memory.memory_breakdown(MODEL, quant_policy=qp, **settings)
     from labkit.convert import inspect_model
     cfg = inspect_model(MODEL).config
-    row = cfg.head_dim * bits // 8 + 3                         # codes + fp16 scale + uint8 zero
+    # codes + fp16 scale + zero: uint8 zero point (int8) or fp16 row minimum (int4)
+    row = cfg.head_dim * bits // 8 + 2 + (1 if bits == 8 else 2)
     assert quant.kv_bytes_per_token == 2 * cfg.num_layers * cfg.num_kv_heads * row
     assert quant.num_blocks == int(0.01 * 2**30 * 0.5) // (quant.kv_bytes_per_token * 16)
     assert quant.num_blocks > full.num_blocks

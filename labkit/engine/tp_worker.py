@@ -178,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _path(p: str | None):
     from pathlib import Path
     return None if p is None else Path(p)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
