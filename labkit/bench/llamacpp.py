@@ -54,11 +54,11 @@ def gguf_for(model) -> Path:
 
 def load_llamacpp(model, n_ctx: int, n_threads: int) -> LlamaCppPeer:
     """Open the model's .gguf in llama.cpp (CPU only, quiet). Raises PeerUnavailable."""
+    gguf = gguf_for(model)              # first: without a .gguf, installing would not help
     try:
         import llama_cpp
     except ImportError as e:
         raise PeerUnavailable(f"llama-cpp-python is not installed ({e}); {INSTALL_HINT}") from None
-    gguf = gguf_for(model)
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
                           n_threads_batch=n_threads, n_gpu_layers=0, verbose=False)
     return LlamaCppPeer(llm, gguf, n_threads, getattr(llama_cpp, "__version__", "unknown"))
