@@ -8,9 +8,11 @@ prefill in chunks through the same attention ops the engine calls, logits per ch
 49,152-word vocabulary times 10k positions would not fit at once). This is a small local
 evaluator for lesson 07; `labkit eval ppl` is the general tool.
 
-Both knobs change nothing before position T (rope base(p + 1) = base while p + 1 <= T; logn
-scale 1), so the cache of tokens [0, T) is computed once and every setting continues from it:
-the prefix costs one pass, not one per setting.
+logn changes nothing before position T (scale 1 there), so the cache of tokens [0, T) is
+computed once and every plain-RoPE setting continues from it. Dynamic NTK gives the whole
+sequence one base, that of its length L (labkit/layers/rotary.py: what the engine does for a
+prompt of L tokens, and what HF's dynamic rope does in one forward pass over them), so it
+changes positions before T too and each NTK setting is a pass of its own.
 """
 from __future__ import annotations
 
@@ -42,9 +44,10 @@ class _OneSequenceCache:
 
 @torch.inference_mode()
 def _nll_span(model, cache: _OneSequenceCache, ids: torch.Tensor, start: int, end: int,
-              chunk: int) -> torch.Tensor:
+              chunk: int, rope_len: int = 0) -> torch.Tensor:
     """NLL (float64) of ids[start+1 .. end] given everything before, computing positions
-    [start, end) in chunks; positions < start must already be in the cache."""
+    [start, end) in chunks; positions < start must already be in the cache. rope_len: the
+    sequence's dynamic-NTK length (0: the model's RoPE base)."""
     dev = cache.table.device
     out = []
     for s in range(start, end, chunk):
@@ -53,7 +56,9 @@ def _nll_span(model, cache: _OneSequenceCache, ids: torch.Tensor, start: int, en
         md = AttentionMetadata(is_prefill=True, slot_mapping=pos, block_tables=cache.table,
                                context_lens=torch.tensor([e], dtype=torch.int32, device=dev),
                                cu_seqlens_q=torch.tensor([0, e - s], dtype=torch.int32, device=dev),
-                               max_seqlen_q=e - s)
+                               max_seqlen_q=e - s,
+                               rope_lens=torch.full((e - s,), rope_len, dtype=torch.int32,
+                                                    device=dev) if rope_len else None)
         hidden = model(ids[s:e].to(dev), pos, md)                                # (n, H)
         n_pred = min(e, len(ids) - 1) - s                                        # last token predicts nothing
         logits = model.compute_logits(hidden[:n_pred])                           # (n_pred, V) float32
@@ -64,20 +69,31 @@ def _nll_span(model, cache: _OneSequenceCache, ids: torch.Tensor, start: int, en
 
 def compare_settings(model, ids, settings: dict[str, tuple[float, bool]], trained_len: int,
                      chunk: int = 512) -> dict[str, torch.Tensor]:
-    """{name: NLL of every predicted token} for each (rope_scaling_factor, use_logn_attn);
-    the shared prefix [0, trained_len) is computed once. Leaves the model's scaling off."""
+    """{name: NLL of every predicted token} for each (rope_scaling_factor, use_logn_attn).
+    Plain-RoPE settings share the prefix [0, trained_len); an NTK setting (factor >= 1, text
+    longer than trained_len) computes the whole text with the base of its length. Leaves the
+    model's scaling off."""
     ids = torch.as_tensor(ids, dtype=torch.long)                                 # (L,)
     L = len(ids)
     T = min(trained_len, L)
     cache = _OneSequenceCache(model, L)
     try:
         model.set_position_scaling(0.0, False, trained_len)
-        prefix = _nll_span(model, cache, ids, 0, T, chunk)                       # (T,) same for all
+        prefix = _nll_span(model, cache, ids, 0, T, chunk)                       # (T,) plain RoPE
         result = {}
-        for name, (factor, logn) in settings.items():
+        # plain-RoPE settings first: they continue from the prefix in the cache; an NTK pass
+        # overwrites it with keys of another base
+        order = sorted(settings, key=lambda k: settings[k][0] >= 1)              # stable
+        for name in order:
+            factor, logn = settings[name]
             model.set_position_scaling(factor, logn, trained_len)
-            rest = _nll_span(model, cache, ids, T, L, chunk) if L > T else prefix[:0]
-            result[name] = torch.cat([prefix, rest])[:L - 1]                     # (L-1,)
+            rope_len = model.rope.rope_length(L)
+            if rope_len:                 # its own base from position 0 on: a pass of its own
+                nll = _nll_span(model, cache, ids, 0, L, chunk, rope_len)
+            else:
+                nll = torch.cat([prefix, _nll_span(model, cache, ids, T, L, chunk) if L > T else prefix[:0]])
+            result[name] = nll[:L - 1]                                           # (L-1,)
+        result = {name: result[name] for name in settings}
     finally:
         model.set_position_scaling(0.0, False)
         cache.release()

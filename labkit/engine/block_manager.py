@@ -71,7 +71,7 @@ class BlockManager:
         step must compute at least one token to produce logits (as vLLM does)."""
         if not self.enable_prefix_caching:
             return []
-        hits, h = [], None
+        hits, h = [], seq.cache_salt
         for i in range((seq.num_tokens - 1) // self.block_size):
             tokens = seq.block_tokens(i)
             h = chain_hash(h, tokens)
@@ -102,7 +102,7 @@ class BlockManager:
             seq.block_table.append(self._take(self._fresh_block_id()))
         seq.num_computed_tokens = seq.num_prefix_hit_tokens = len(hits) * self.block_size
         seq.num_hashed_blocks = len(hits)
-        seq.last_block_hash = self.blocks[hits[-1]].hash if hits else None
+        seq.last_block_hash = self.blocks[hits[-1]].hash if hits else seq.cache_salt
 
     def can_append(self, seq: Sequence) -> bool:
         return seq.blocks_needed() <= len(seq.block_table) or self.num_free > 0
@@ -145,7 +145,7 @@ class BlockManager:
                     self.free_ids.append(bid)
         seq.block_table = []
         seq.kv_epoch += 1
-        seq.num_hashed_blocks, seq.last_block_hash = 0, None
+        seq.num_hashed_blocks, seq.last_block_hash = 0, seq.cache_salt
 
     def pin_prefix(self, token_ids) -> list[int]:
         """Take a reference on the cached full blocks that hold a prefix of `token_ids`, so no

@@ -131,6 +131,8 @@ class LLMEngine:
                        generator=make_generator(gc.random_seed, self.device), stream=stream)
         stop = StopChecker(self.tokenizer, gc, len(ids), ec.session_len)
         seq.stop_ids = stop.stop_ids
+        # dynamic NTK: one RoPE base per sequence, for the longest it may get (rotary.py)
+        seq.rope_len = self.model.rope.rope_length(min(len(ids) + gc.max_new_tokens, ec.session_len))
         self.seqs[rid], self.stoppers[rid] = seq, stop
         self.scheduler.add(seq)
         return rid

@@ -38,6 +38,7 @@ class StepHeader:
     max_seqlen_q: int
     num_logits_rows: int       # S
     bucket: int = 0            # decode CUDA graph replayed (0: eager)
+    rope_scaled: int = 0       # 1: a sequence has its own RoPE base (eager, rope_lens read)
 
     @property
     def num_rows(self) -> int:
@@ -83,10 +84,12 @@ class ModelRunner:
     def execute(self, seqs, num_new_tokens, is_prefill: bool) -> tuple[StepInputs, torch.Tensor]:
         """prepare + forward: the logits (S, V) float32 of the rows that sample."""
         t0 = time.perf_counter()
-        bucket = None if is_prefill or self.graphs is None else self.graphs.bucket(len(seqs))
+        bucket = None
+        if not is_prefill and self.graphs is not None and not any(s.rope_len for s in seqs):
+            bucket = self.graphs.bucket(len(seqs))    # (graphs read the shared RoPE tables)
         step = fill_step(self.buffers, seqs, num_new_tokens, is_prefill, pad_to=bucket or 0)
         header = StepHeader(is_prefill, step.num_seqs, step.num_tokens, step.max_seqlen_q,
-                            len(step.logits_rows), bucket or 0)
+                            len(step.logits_rows), bucket or 0, int(step.rope_scaled))
         self.prepare_seconds += time.perf_counter() - t0
         if self.tp_group is not None:       # the other ranks run the same step on their shards
             return step, self.tp_group.run_step(header, self.buffers, self.forward_from_buffers)
@@ -99,15 +102,15 @@ class ModelRunner:
         if h.bucket:
             return self.graphs.replay(h.bucket)[:h.num_seqs]                # (B, V)
         if not h.is_prefill:
-            return self._decode_forward(h.num_seqs)                          # (B, V)
+            return self._decode_forward(h.num_seqs, bool(h.rope_scaled))      # (B, V)
         b = self.buffers
-        md = b.metadata(True, h.num_seqs, h.num_tokens, h.max_seqlen_q)
+        md = b.metadata(True, h.num_seqs, h.num_tokens, h.max_seqlen_q, rope_scaled=bool(h.rope_scaled))
         hidden = self.model(b.view("input_ids", h.num_tokens),
                             b.view("positions", h.num_tokens), md)          # (N, H)
         rows = b.view("logits_rows", h.num_logits_rows)                      # (S,)
         return self.model.compute_logits(hidden[rows])                       # (S, V)
 
-    def _decode_forward(self, batch_size: int) -> torch.Tensor:
+    def _decode_forward(self, batch_size: int, rope_scaled: bool = False) -> torch.Tensor:
         """One token per sequence: ids (B,) in the buffer -> logits (B, V). Captured as a
         graph per bucket, or run eagerly (CPU, enforce_eager, batches past the largest bucket)."""
         from kernels.paged_decode import decode_num_splits
@@ -115,7 +118,7 @@ class ModelRunner:
         splits = None
         if self.backend.name == "triton":       # fixed per batch size, so a graph keeps its grid
             splits = decode_num_splits(batch_size, self.cfg.num_kv_heads // self.ec.tp, self.device)
-        md = b.metadata(False, batch_size, batch_size, 1, decode_splits=splits)
+        md = b.metadata(False, batch_size, batch_size, 1, decode_splits=splits, rope_scaled=rope_scaled)
         hidden = self.model(b.view("input_ids", batch_size), b.view("positions", batch_size), md)
         return self.model.compute_logits(hidden)                             # (B, V) float32
 

@@ -45,11 +45,18 @@ class Sequence:
     kv_epoch: int = 0                 # +1 each time its blocks are freed (preemption, finish)
     num_hashed_blocks: int = 0        # leading full blocks already named for prefix caching
     last_block_hash: Optional[int] = None   # chained hash of the last of those
+    rope_len: int = 0                 # dynamic NTK: the length its RoPE base is chosen for (0: off)
 
     def __post_init__(self):
         assert len(self.token_ids) > 0, "a sequence needs at least one prompt token"
         assert self.block_size > 0
         self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def cache_salt(self) -> Optional[int]:
+        """Start of its prefix-cache hash chain: keys rotated with a scaled RoPE base must not
+        be shared with sequences rotated with another base."""
+        return hash(("rope_len", self.rope_len)) if self.rope_len else None
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -9,6 +9,8 @@ For a scheduled batch of B sequences computing N tokens in all (vLLM's names):
     cu_seqlens_q  (B+1,) where each sequence's tokens start in input_ids (prefill)
     logits_rows   (S,)   rows of the hidden states whose logits are needed (last token of
                          every sequence that samples now)
+    rope_lens     (N,)   each token's sequence rope length (dynamic NTK, labkit/layers/rotary.py;
+                         written only in a step that has a scaled sequence)
     block_tables  (B, W) each sequence's blocks, W = blocks of a full session
 
 All of it is int32 and lives in ONE pinned host buffer mirrored by ONE device buffer, each
@@ -37,6 +39,7 @@ class StepInputs:
     max_seqlen_q: int
     logits_rows: list[int]     # (S,) rows whose logits are needed
     sample_seq_index: list[int]  # (S,) which of the B sequences each logits row belongs to
+    rope_scaled: bool = False  # a sequence with its own RoPE base: rope_lens is written
 
 
 class StepBuffers:
@@ -47,7 +50,8 @@ class StepBuffers:
         self.device = device
         sizes = {"input_ids": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
                  "context_lens": max_seqs, "cu_seqlens_q": max_seqs + 1,
-                 "logits_rows": max_seqs, "block_tables": max_seqs * max_blocks}
+                 "logits_rows": max_seqs, "rope_lens": max_tokens,
+                 "block_tables": max_seqs * max_blocks}
         self.offset, off = {}, 0
         for name, n in sizes.items():             # block_tables last: its used prefix is B rows
             self.offset[name], off = off, off + n
@@ -88,7 +92,7 @@ class StepBuffers:
         return self.dev[o:o + n]
 
     def metadata(self, is_prefill: bool, num_seqs: int, num_tokens: int, max_seqlen_q: int,
-                 decode_splits: int | None = None) -> AttentionMetadata:
+                 decode_splits: int | None = None, rope_scaled: bool = False) -> AttentionMetadata:
         o = self.offset["block_tables"]
         tables = self.dev[o:o + num_seqs * self.width].view(num_seqs, self.width)  # (B, W)
         return AttentionMetadata(
@@ -97,7 +101,8 @@ class StepBuffers:
             block_tables=tables,
             context_lens=self.view("context_lens", num_seqs),
             cu_seqlens_q=self.view("cu_seqlens_q", num_seqs + 1) if is_prefill else None,
-            max_seqlen_q=max_seqlen_q, decode_splits=decode_splits)
+            max_seqlen_q=max_seqlen_q, decode_splits=decode_splits,
+            rope_lens=self.view("rope_lens", num_tokens) if rope_scaled else None)
 
 
 def fill_step(buf: StepBuffers, seqs, num_new_tokens, is_prefill: bool, pad_to: int = 0) -> StepInputs:
@@ -134,9 +139,14 @@ def fill_step(buf: StepBuffers, seqs, num_new_tokens, is_prefill: bool, pad_to: 
                 logits_rows.append(t - 1)
                 sample_idx.append(i)
     buf.field("logits_rows", len(logits_rows))[:] = logits_rows
+    scaled = any(seq.rope_len for seq in seqs)
+    if scaled:                         # each token gets its sequence's rope length
+        lens = buf.field("rope_lens", N)
+        n_tok = [1] * B if not is_prefill else num_new_tokens
+        lens[:] = np.repeat([seq.rope_len for seq in seqs], n_tok)
     buf.write_tables(seqs)
     if rows > B:                       # padding rows of a graph bucket must not read stale ids
         buf.tables[B:rows, :1] = 0
         for i in range(B, rows):
             buf._row_key[i] = None
-    return StepInputs(is_prefill, B, N, max(num_new_tokens), logits_rows, sample_idx)
+    return StepInputs(is_prefill, B, N, max(num_new_tokens), logits_rows, sample_idx, scaled)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from labkit.dist import ranks
 
 STEP, SETUP, STOP, EXIT = 1, 2, 3, 4
-HEADER_LEN = 8
+HEADER_LEN = 9
 # A collective inside a step waits at most this long for the other ranks (a rank that hangs);
 # a rank that dies is seen at once (its sockets close), a spawned one before each step.
 STEP_TIMEOUT = datetime.timedelta(seconds=60)

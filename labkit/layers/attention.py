@@ -38,6 +38,8 @@ class AttentionMetadata:
     cu_seqlens_q: Optional[torch.Tensor] = None   # (B+1,) int32, prefill only
     max_seqlen_q: int = 1
     decode_splits: Optional[int] = None  # split-KV factor of the decode kernel (None: its choice)
+    rope_lens: Optional[torch.Tensor] = None   # (N,) int32 rope length of each token's sequence
+    rope_tables: Optional[tuple] = None  # (cos, sin) (N, D) built from rope_lens by the model
 
 
 def logn_table(max_positions: int, trained_len: int, device=None) -> torch.Tensor:

@@ -51,7 +51,7 @@ class LlamaAttention(nn.Module):
         lead = h.shape[:-1]                                          # (N,) or (B, L)
         qkv = self.w_qkv(h).view(*lead, self.hq + 2 * self.hkv, self.d)  # (..., hq+2hkv, D)
         # q and k heads are rotated together, in place (one RoPE pass); v is left as it is
-        self.rope(positions, qkv[..., :self.hq + self.hkv, :])
+        self.rope(positions, qkv[..., :self.hq + self.hkv, :], md.rope_tables if md else None)
         q, k, v = qkv.split([self.hq, self.hkv, self.hkv], -2)       # (..., h*, D) views
         if self.logn.enabled:                                        # use_logn_attn
             self.logn(positions, q)                                  # q *= log_T(p + 1) past T
@@ -128,8 +128,9 @@ class LlamaForCausalLM(nn.Module):
     def set_position_scaling(self, rope_scaling_factor: float = 0.0, use_logn_attn: bool = False,
                              trained_len: int | None = None) -> "LlamaForCausalLM":
         """Long-context knobs (LMDeploy's rope_scaling_factor and use_logn_attn), switchable on
-        a loaded model: dynamic NTK RoPE (factor >= 1, 0 = off) and logn query scaling, both
-        acting past `trained_len` (default: the model's max_position_embeddings; a smaller
+        a loaded model: dynamic NTK RoPE (factor >= 1, 0 = off; for sequences added from now on
+        whose rope length exceeds `trained_len`) and logn query scaling of positions past
+        `trained_len` (default: the model's max_position_embeddings; a smaller
         value pretends the model was trained on shorter texts, for experiments)."""
         from labkit.config import validate_inference_fields
         validate_inference_fields({"rope_scaling_factor": rope_scaling_factor,
@@ -174,6 +175,8 @@ class LlamaForCausalLM(nn.Module):
         return self.hidden_states(input_ids, positions, metadata)
 
     def hidden_states(self, input_ids, positions, metadata):
+        if metadata is not None and metadata.rope_lens is not None:     # a scaled sequence: its
+            metadata.rope_tables = self.rope.tables_for(positions, metadata.rope_lens)  # own base
         x, residual = self.tok_embeddings(input_ids), None              # (..., H)
         for layer in self.layers:
             x, residual = layer(x, residual, positions, metadata)
