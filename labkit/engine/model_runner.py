@@ -84,10 +84,12 @@ class ModelRunner:
     def execute(self, seqs, num_new_tokens, is_prefill: bool) -> tuple[StepInputs, torch.Tensor]:
         """prepare + forward: the logits (S, V) float32 of the rows that sample."""
         t0 = time.perf_counter()
-        bucket = None
-        if not is_prefill and self.graphs is not None and not any(s.rope_len for s in seqs):
-            bucket = self.graphs.bucket(len(seqs))    # (graphs read the shared RoPE tables)
-        step = fill_step(self.buffers, seqs, num_new_tokens, is_prefill, pad_to=bucket or 0)
+        scaled = any(s.rope_len for s in seqs)        # dynamic NTK: per-token RoPE tables
+        bucket = None                                 # (graphs read the shared tables)
+        if not is_prefill and self.graphs is not None and not scaled:
+            bucket = self.graphs.bucket(len(seqs))
+        step = fill_step(self.buffers, seqs, num_new_tokens, is_prefill, pad_to=bucket or 0,
+                         rope_scaled=scaled)
         header = StepHeader(is_prefill, step.num_seqs, step.num_tokens, step.max_seqlen_q,
                             len(step.logits_rows), bucket or 0, int(step.rope_scaled))
         self.prepare_seconds += time.perf_counter() - t0
@@ -98,7 +100,7 @@ class ModelRunner:
     def forward_from_buffers(self, h: StepHeader) -> torch.Tensor:
         """The step written in the host buffer -> logits (S, V) float32 of the rows that sample.
         Every tensor-parallel rank calls this with the same buffer contents and header."""
-        self.buffers.upload(h.num_rows)
+        self.buffers.upload(h.num_rows, bool(h.rope_scaled))
         if h.bucket:
             return self.graphs.replay(h.bucket)[:h.num_seqs]                # (B, V)
         if not h.is_prefill:

@@ -48,12 +48,13 @@ class StepBuffers:
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
         self.max_tokens, self.max_seqs, self.width = max_tokens, max_seqs, max_blocks
         self.device = device
-        sizes = {"input_ids": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
-                 "context_lens": max_seqs, "cu_seqlens_q": max_seqs + 1,
-                 "logits_rows": max_seqs, "rope_lens": max_tokens,
-                 "block_tables": max_seqs * max_blocks}
+        # rope_lens first: a step without a scaled sequence copies from input_ids on;
+        # block_tables last: its used part is the first B rows
+        sizes = {"rope_lens": max_tokens, "input_ids": max_tokens, "positions": max_tokens,
+                 "slot_mapping": max_tokens, "context_lens": max_seqs, "cu_seqlens_q": max_seqs + 1,
+                 "logits_rows": max_seqs, "block_tables": max_seqs * max_blocks}
         self.offset, off = {}, 0
-        for name, n in sizes.items():             # block_tables last: its used prefix is B rows
+        for name, n in sizes.items():
             self.offset[name], off = off, off + n
         self.total = off
         pin = device.type == "cuda"
@@ -79,12 +80,18 @@ class StepBuffers:
                 self.tables[i, start:len(bt)] = bt[start:]
             self._row_key[i], self._row_len[i] = key, len(bt)
 
-    def upload(self, num_rows: int) -> None:
-        """Copy everything up to the first `num_rows` block-table rows to the device."""
+    def used(self, num_rows: int, rope_scaled: bool = False) -> slice:
+        """The part of the buffer a step reads: through its first `num_rows` block-table rows,
+        from rope_lens on only when some sequence has a rope length."""
+        start = 0 if rope_scaled else self.offset["input_ids"]
+        return slice(start, self.offset["block_tables"] + num_rows * self.width)
+
+    def upload(self, num_rows: int, rope_scaled: bool = False) -> None:
+        """Copy the step's used part (`used`) to the device."""
         if self.dev is self.host_t:
             return
-        n = self.offset["block_tables"] + num_rows * self.width
-        self.dev[:n].copy_(self.host_t[:n], non_blocking=True)
+        part = self.used(num_rows, rope_scaled)
+        self.dev[part].copy_(self.host_t[part], non_blocking=True)
 
     # ------------------------------------------------------------------ device views
     def view(self, name: str, n: int) -> torch.Tensor:
@@ -105,9 +112,11 @@ class StepBuffers:
             rope_lens=self.view("rope_lens", num_tokens) if rope_scaled else None)
 
 
-def fill_step(buf: StepBuffers, seqs, num_new_tokens, is_prefill: bool, pad_to: int = 0) -> StepInputs:
+def fill_step(buf: StepBuffers, seqs, num_new_tokens, is_prefill: bool, pad_to: int = 0,
+              rope_scaled: bool = False) -> StepInputs:
     """Write a batch's inputs into the host buffer; rows past B up to `pad_to` are padding
-    (slot -1, context 0: the kernels skip them). Returns the step's host-side summary."""
+    (slot -1, context 0: the kernels skip them). `rope_scaled`: some sequence has a rope
+    length, so rope_lens is written. Returns the step's host-side summary."""
     B, bs = len(seqs), seqs[0].block_size
     rows = max(B, pad_to)
     N = sum(num_new_tokens) if is_prefill else B
@@ -139,8 +148,7 @@ def fill_step(buf: StepBuffers, seqs, num_new_tokens, is_prefill: bool, pad_to: 
                 logits_rows.append(t - 1)
                 sample_idx.append(i)
     buf.field("logits_rows", len(logits_rows))[:] = logits_rows
-    scaled = any(seq.rope_len for seq in seqs)
-    if scaled:                         # each token gets its sequence's rope length
+    if rope_scaled:                    # each token gets its sequence's rope length
         lens = buf.field("rope_lens", N)
         n_tok = [1] * B if not is_prefill else num_new_tokens
         lens[:] = np.repeat([seq.rope_len for seq in seqs], n_tok)
@@ -149,4 +157,4 @@ def fill_step(buf: StepBuffers, seqs, num_new_tokens, is_prefill: bool, pad_to: 
         buf.tables[B:rows, :1] = 0
         for i in range(B, rows):
             buf._row_key[i] = None
-    return StepInputs(is_prefill, B, N, max(num_new_tokens), logits_rows, sample_idx, scaled)
+    return StepInputs(is_prefill, B, N, max(num_new_tokens), logits_rows, sample_idx, rope_scaled)

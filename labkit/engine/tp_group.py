@@ -148,11 +148,11 @@ class TPGroup:
     def run_step(self, header, buffers, forward) -> torch.Tensor:
         """Send the step to ranks 1.., then run `forward(header)` here (ModelRunner.execute)."""
         self.check()
-        n = buffers.offset["block_tables"] + header.num_rows * buffers.width
+        part = buffers.used(header.num_rows, bool(header.rope_scaled))
         h = dataclasses.astuple(header)
         try:
-            self._send(STEP, *h, num_ints=n)
-            dist.broadcast(buffers.host_t[:n], src=0, group=self.ctrl)
+            self._send(STEP, *h, num_ints=part.stop - part.start)
+            dist.broadcast(buffers.host_t[part], src=0, group=self.ctrl)
             return forward(header)
         except Exception as e:              # a collective failed: most likely a rank died
             self.broken = self._dead_rank(wait=2.0) or f"a step failed ({type(e).__name__}: {e})"

@@ -14,7 +14,7 @@ Messages, all on a gloo "control" group with CPU tensors (so NCCL carries only t
 collectives): a header of HEADER_LEN int32 [command, StepHeader fields..., ints that follow],
 then per command
     SETUP  one pickled object: the model, the resolved EngineConfig, dtype, max_positions
-    STEP   the used prefix of the step buffer (StepBuffers.host_t[:n], int32)
+    STEP   the used part of the step buffer (StepBuffers.used: n int32)
     STOP   nothing: drop the engine, wait for the next SETUP (torchrun: one job, many engines)
     EXIT   nothing: leave the process
 Start-up has two checkpoints where every rank reports {"num_blocks": n} or {"error": text}
@@ -104,7 +104,8 @@ def serve(rank: int, tp: int, device: torch.device, ctrl, exit_on_stop: bool) ->
         command, *fields, num_ints = header.tolist()
         if command == STEP:
             h = StepHeader(bool(fields[0]), *fields[1:])
-            dist.broadcast(runner.buffers.host_t[:num_ints], src=0, group=ctrl)
+            part = runner.buffers.used(h.num_rows, bool(h.rope_scaled))      # num_ints long
+            dist.broadcast(runner.buffers.host_t[part], src=0, group=ctrl)
             with torch.inference_mode():
                 runner.forward_from_buffers(h)            # logits are rank 0's to sample
         elif command == SETUP:

@@ -96,7 +96,7 @@ class RotaryEmbedding(nn.Module):
         (N, D) float32, row n for token n (rotate with positions = arange(N))."""
         s = rope_lens.to(torch.float64)                                    # (N,)
         b = torch.where(s > 0, ntk_base(self.base, self.head_dim, s, self.trained_len,
-                                        max(self.scaling_factor, 1.0)), self.base)   # (N,)
+                                        self.scaling_factor), self.base)             # (N,)
         return _cos_sin(rope_angles(self.head_dim, positions, b))
 
     def forward(self, positions: torch.Tensor, qk: torch.Tensor, tables=None) -> torch.Tensor:
