@@ -39,3 +39,20 @@ def interpreted() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
     import os
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_SM_COUNT: dict = {}
+
+
+def num_sms(device=None) -> int:
+    """Multiprocessors of a CUDA device (launchers size their grids by it); 4 on CPU, where
+    the interpreter runs, so the split paths are exercised there too."""
+    import torch
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available()
+                                                             else "cpu"))
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]

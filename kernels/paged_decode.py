@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from kernels._triton import require_triton, tl, triton
+from kernels._triton import num_sms, require_triton, tl, triton
 from kernels.paged_kv import attend_ref, gather_kv
 
 __all__ = ["paged_decode_ref", "paged_decode_triton", "decode_num_splits"]
@@ -139,23 +139,11 @@ def _reduce_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-_SM_COUNT: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4                                   # the interpreter: exercise the split path
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def decode_num_splits(batch: int, num_kv_heads: int, device: torch.device, max_splits: int = 64) -> int:
     """Splits per sequence so that batch x Hkv x splits programs give every SM about two
     programs. Depends on the batch size only, so a CUDA graph keeps its grid."""
     programs = batch * num_kv_heads
-    target = 2 * _num_sms(device)
+    target = 2 * num_sms(device)
     return max(1, min(max_splits, math.ceil(target / programs))) if programs < target else 1
 
 
@@ -175,8 +163,10 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
         return out
     group = Hq // Hkv
     splits = num_splits or decode_num_splits(B, Hkv, q.device)
-    if block_n is None:
-        block_n = 64 if D >= 128 or q.dtype == torch.float32 else 128
+    # (the H200 sweep at d = 64, scripts/gpu_decode_sweep.py: 64-token tiles in 2 warps and 4
+    # stages win at B=256 L=600, 0.99x SDPA against 0.87x, but lose at B=32..128 L=1024 by
+    # 12-15%, and the throughput recipe's attention time moved 2%: these defaults stay)
+    block_n = block_n or (64 if D >= 128 or q.dtype == torch.float32 else 128)
     if splits > 1:
         part_out = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)

@@ -151,7 +151,7 @@ def _decode_quant_kernel(
 def paged_decode_quant_triton(q, k_cache: QuantKVCache, v_cache: QuantKVCache, block_tables,
                               context_lens, scale, num_splits: int | None = None,
                               block_n: int | None = None, num_warps: int | None = None,
-                              num_stages: int = 2, magic: bool | None = None,
+                              num_stages: int | None = None, magic: bool | None = None,
                               out: torch.Tensor | None = None, dot: bool = True) -> torch.Tensor:
     """Same contract as `paged_decode_quant_ref`; one launch (two with split-KV), no host sync.
     `magic` (default: for 16-bit q) turns codes into float16 without conversion instructions;
@@ -168,10 +168,11 @@ def paged_decode_quant_triton(q, k_cache: QuantKVCache, v_cache: QuantKVCache, b
     group = Hq // Hkv
     splits = num_splits or decode_num_splits(B, Hkv, q.device)
     magic = (q.dtype != torch.float32 if magic is None else magic) and dot
-    if block_n is None:     # float32 tiles (no magic) take twice the registers: smaller tiles
-        block_n = 128 if magic else 64
-    if num_warps is None:   # H100, B=64 L=2048 32/8 d=128 (docs/PERF.md): 128 x 8 warps 1.4x 64 x 4
-        num_warps = 8 if magic and D >= 128 else 4
+    # H200 sweep, B=64 L=2048 32/8 d=128 (scripts/gpu_decode_sweep.py, docs/PERF.md): 64-token
+    # tiles, 4 warps, 4 stages (int8) / 3 (int4) beat the H100's winner (128 x 8 warps) by 10%
+    block_n = block_n or 64
+    num_warps = num_warps or 4
+    num_stages = num_stages or (4 if k_cache.bits == 8 else 3)
     if splits > 1:
         part_out = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)

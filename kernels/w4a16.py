@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import HAS_TRITON, interpreted, require_triton, tl, triton
+from kernels._triton import HAS_TRITON, interpreted, num_sms, require_triton, tl, triton
 
 __all__ = ["pack_int4", "unpack_int4", "dequantize_int4", "w4a16_linear_ref",
            "w4a16_linear_triton", "w4a16_linear", "GROUP_SIZES"]
@@ -98,7 +98,7 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                   stride_xm, stride_qn, stride_sn, stride_ym, stride_ysplit,
                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr,
-                  DOT: tl.constexpr):
+                  DOT: tl.constexpr, FACTORED: tl.constexpr, OFF: tl.constexpr):
     HALF: tl.constexpr = BLOCK_K // 2                              # bytes of a tile per row
     pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                    # (BM,) rows of x
@@ -125,7 +125,13 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
             z = tl.load(z_ptr + g_ptr, mask=w_ok, other=0).to(tl.float32)
         lo = packed & 15
         hi = packed >> 4
-        if MAGIC:     # int -> float without a conversion instruction: 2^23 + q from its bits
+        if FACTORED:  # 16-bit x, tile inside one group: codes straight into the dot (below)
+            # (OFF | q) read as x's 16-bit float is exactly OFF + q: OFF = 128 for bf16 (bits
+            # 0x4300), 1024 for fp16 (0x6400); one OR per code, no conversion, no scale here
+            magic: tl.constexpr = 0x4300 if OFF == 128 else 0x6400
+            lo_w = (lo.to(tl.int16) | magic).to(x_ptr.dtype.element_ty, bitcast=True)
+            hi_w = (hi.to(tl.int16) | magic).to(x_ptr.dtype.element_ty, bitcast=True)
+        elif MAGIC:     # int -> float without a conversion instruction: 2^23 + q from its bits
             lo_f = (lo.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             hi_f = (hi.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         else:
@@ -135,7 +141,12 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
         x_ok = m_ok[:, None] & k_ok[None, :]
         x_lo = tl.load(xp, mask=x_ok, other=0.0)                   # (BM, HALF) runs of 16
         x_hi = tl.load(xp + 16, mask=x_ok, other=0.0)
-        if not DOT:   # a few rows (decode): FMAs on CUDA cores, no tensor-core staging
+        if FACTORED:  # sum_k x (q - z) s = s * (x . (OFF + q) - (OFF + z) * sum_k x)
+            part = tl.dot(x_lo, tl.trans(lo_w)) + tl.dot(x_hi, tl.trans(hi_w))   # (BM, BN)
+            xs = tl.sum(x_lo.to(tl.float32) + x_hi.to(tl.float32), 1)              # (BM,)
+            acc += tl.reshape(s, (BLOCK_N,))[None, :] * (
+                part - xs[:, None] * (tl.reshape(z, (BLOCK_N,)) + OFF)[None, :])
+        elif not DOT:   # a few rows (decode): FMAs on CUDA cores, no tensor-core staging
             x_lo = x_lo.to(tl.float32)
             x_hi = x_hi.to(tl.float32)
             if BLOCK_K <= GROUP:   # s * (sum q x - z sum x): 2 ops per code instead of 4
@@ -178,22 +189,25 @@ SMALL_M = 16        # up to this many rows: the split-K decode shape
 
 
 def _config(M: int, N: int, K: int, group: int) -> dict:
-    """Tile sizes: the winners of scripts/gpu_w4a16.py's sweep on an H100 (docs/PERF.md);
+    """Tile sizes: the winners of scripts/gpu_w4a16.py's sweep on an H200 (docs/PERF.md);
     the interpreter gets small tiles."""
     if interpreted():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(group, 64), SPLIT_K=1, num_warps=1,
                     num_stages=1)
     bk = 128 if group >= 128 else group * (128 // group)           # one group or whole groups
     if M <= SMALL_M:
-        bn = 128 if max(N, K) >= 8192 else 64
+        # tiles inside one group take the factored path (codes straight into the dot)
+        bk = min(group, 128) if group >= 64 else bk
+        bn = 128 if N >= 8192 else 64                  # the H200 sweep's winners (docs/PERF.md)
         tiles = triton.cdiv(N, bn)
-        # about two waves of programs on 132 SMs, at least 4 K tiles each
-        split = max(1, min(K // (4 * bk), round(2 * 132 / tiles)))
+        # enough programs that every SM streams several tiles at once (0.5 waves measured
+        # 0.8 TB/s on an H200, ncu), each split at least 2 K tiles long
+        split = max(1, min(K // (2 * bk), triton.cdiv(4 * num_sms(), tiles)))
         return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=3)
     if M <= 64:
-        return dict(BLOCK_M=32 if N < 8192 else 64, BLOCK_N=64 if N < 14336 else 128,
-                    BLOCK_K=bk, SPLIT_K=2, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64 if N < 8192 else 128, BLOCK_K=bk, SPLIT_K=2,
+                    num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, SPLIT_K=1, num_warps=4, num_stages=3)
 
 
 def check_int4_shapes(K: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -230,6 +244,9 @@ def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if bk % UNIT or not (bk % group_size == 0 or group_size % bk == 0):
         raise ValueError(f"BLOCK_K={bk} must be a multiple of {UNIT} and divide or be a "
                          f"multiple of group_size={group_size}")
+    # the factored path: 16-bit x on tensor cores, every K tile inside one group
+    off = {torch.bfloat16: 128, torch.float16: 1024}.get(x.dtype, 0)
+    factored = cfg.pop("FACTORED", True) and cfg["DOT"] and off > 0 and bk <= group_size
     y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y.view(*lead, N)
@@ -242,7 +259,7 @@ def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                         x2.stride(0), qweight.stride(0), scales.stride(0),
                         dst.stride(-2), dst.stride(0) if not direct else 0,
                         GROUP=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                        IEEE=x.dtype == torch.float32, **cfg)
+                        IEEE=x.dtype == torch.float32, FACTORED=factored, OFF=off, **cfg)
     if not direct:
         block = 1024 if not interpreted() else 256
         _sum_splits_kernel[(triton.cdiv(M * N, block),)](

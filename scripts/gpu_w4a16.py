@@ -39,20 +39,22 @@ MS = [1, 4, 16, 64, 256]   # the sweep has configs for M <= 16, 64 and 256
 G = 128
 FLUSH_BYTES = 256 * 2**20          # distinct weights per timed graph: well beyond H100's 50 MB L2
 
-# SPLIT_K: None -> chosen per shape for ~WAVES programs per SM (132 SMs on an H100)
-SMALL_M_SWEEP = ([dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=None, WAVES=wv, num_warps=4,
-                       num_stages=3) for bn in (32, 64, 128) for bk in (128, 256) for wv in (2, 4)]
-                 # CUDA-core path (no tensor cores) for M <= 4: BLOCK_M is set to M's power of 2
-                 + [dict(BLOCK_M=None, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=None, WAVES=4, DOT=False,
-                         num_warps=w, num_stages=st) for bn in (16, 32, 64) for w in (4, 8)
-                    for st in (3, 4)])
+# SPLIT_K: None -> chosen per shape for ~WAVES programs per SM. BLOCK_K = 128 = G: each tile
+# is inside one group, so the factored path runs (codes straight into the dot); FACTORED=False
+# is the dequantize-then-dot path it replaced, kept in the sweep for the comparison.
+SMALL_M_SWEEP = ([dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=None, WAVES=wv, num_warps=w,
+                       num_stages=st) for bn in (32, 64, 128) for wv in (4, 8) for w in (4, 8)
+                  for st in (3, 4)]
+                 + [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=None, WAVES=4, num_warps=4,
+                         num_stages=3, FACTORED=False)])
 LARGE_M_SWEEP = {64: [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, num_warps=4, num_stages=st)
                       for bm in (32, 64) for bn in (64, 128) for sk in (1, 2) for st in (3, 4)],
-                 256: [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=1, num_warps=w, num_stages=3)
-                       for bm in (64, 128) for bn in (128, 256) for w in (4, 8)]}
+                 256: [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=w, num_stages=3)
+                       for bm in (64, 128) for bn in (128, 256) for w in (4, 8) for bk in (64, 128)]}
 
 
 def resolve_split(cfg: dict, K: int, N: int, M: int) -> dict | None:
+    from kernels._triton import num_sms
     cfg = dict(cfg)
     if cfg.get("DOT", True) is False:
         if M > 4:
@@ -61,7 +63,7 @@ def resolve_split(cfg: dict, K: int, N: int, M: int) -> dict | None:
     waves = cfg.pop("WAVES", None)
     if cfg.get("SPLIT_K") is None:
         tiles = -(-N // cfg["BLOCK_N"])
-        cfg["SPLIT_K"] = max(1, min(K // cfg["BLOCK_K"], round(waves * 132 / tiles)))
+        cfg["SPLIT_K"] = max(1, min(K // (2 * cfg["BLOCK_K"]), -(-waves * num_sms() // tiles)))
     return cfg
 
 
@@ -232,7 +234,8 @@ def main() -> int:
         c = r["best_config"]
         tag = "default" if c == r["default_config"] else \
             (f"BM{c['BLOCK_M']} BN{c['BLOCK_N']} BK{c['BLOCK_K']} SK{c['SPLIT_K']} w{c['num_warps']} "
-             f"s{c['num_stages']}" + (" fma" if c.get("DOT") is False else ""))
+             f"s{c['num_stages']}" + (" fma" if c.get("DOT") is False else "")
+             + (" unfactored" if c.get("FACTORED") is False else ""))
         print(f"{r['K']:>6} {r['N']:>6} {r['M']:>4} | {r['us_cublas']:>9.1f} {r['gbs_cublas']:>6.0f} "
               f"{r['tflops_cublas']:>6.1f} | {r['us_best']:>8.1f} {r['gbs_best']:>6.0f} "
               f"{r['tflops_best']:>6.1f} | {r['speedup_default']:>6.2f} {r['speedup_best']:>6.2f}  {tag}")

@@ -89,6 +89,7 @@ CASES = [  # M, N, K, G, launch overrides (None: the launcher's own choice)
     (1, 40, 256, 128, dict(DOT=False, BLOCK_M=1)),           # CUDA-core path, zero factored out
     (3, 33, 256, 64, dict(DOT=False, BLOCK_M=4, BLOCK_K=128, SPLIT_K=2)),  # ... a group per byte
     (2, 24, 96, 32, dict(MAGIC=False)),                      # int->float by conversion
+    (4, 40, 256, 128, dict(FACTORED=False, BLOCK_K=64)),     # 16-bit x, dequantize-then-dot path
 ]
 
 
