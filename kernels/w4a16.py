@@ -31,7 +31,13 @@ The Triton kernel walks K in tiles of BLOCK_K columns (a multiple of 32): it loa
 (BLOCK_N, BLOCK_K/2) byte tile, splits it into the two nibble planes (`& 15`, `>> 4`),
 dequantizes each in registers, (q - z) * s in float32 rounded to x's dtype (the scale and zero
 of each byte's group: one (BLOCK_N,) vector when the tile lies inside one group), and feeds
-both planes with their halves of x to `tl.dot`. One kernel, two launch shapes:
+both planes with their halves of x to `tl.dot`. When x is 16-bit and the tile lies inside
+one group (the factored path, the default for group 64/128), no element is dequantized: the
+code q is OR'd into the exponent bits of a 16-bit float, which then reads OFF + q exactly
+(bf16 0x4300 | q = 128 + q, fp16 0x6400 | q = 1024 + q), that goes into the dot, and scale and
+zero are applied once per (row, column) of the result:
+    sum_k x_k (q_k - z) s = s * (x . (OFF + q) - (OFF + z) * sum_k x_k)
+One kernel, two launch shapes:
 
     small M (decode, M <= 16): x padded to BLOCK_M = 16 rows for the tensor cores, and split-K
         (SPLIT_K programs share the K range of one column block; fp32 partial sums are added
