@@ -1,10 +1,12 @@
 """AWQ quality on the bundled model (issue 10's acceptance): perplexity on the pydoc corpus
 (16 x 1024 tokens, never seen by calibration) measured by HF transformers on the dequantized
-weights, for: unquantized, RTN g64, AWQ alpha 0.5 g64, AWQ --search-scale g64; and RTN g32,
+weights, for: unquantized, RTN g64, AWQ alpha 0.5 g64 and AWQ --search-scale g64 (each also with
+--auto-clip); and RTN g32,
 aligned to the bundled Q4_1 GGUF blocks (same steps and codes; the AWQ format's integer zero
 point is what it loses against them, notebook 09).
 
     python scripts/awq_quality.py [--out build/awq_quality.json] [--calib-samples 32]
+                                  [--rows "awq g64 alpha 0.5 clip" ...]
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ def main() -> None:
     ap.add_argument("--work", default="build/awq_quality")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--rows", nargs="*", help="only these rows (names as printed), after "
+                    "'unquantized' (the baseline every percentage is taken against)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
     from labkit.models.bundled import bundled_tokenizer_dir
@@ -41,16 +45,21 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 
     record("unquantized", hf_fp_model(), {})
-    for name, group, method, search in [("rtn g64", 64, "rtn", False),
-                                        ("awq g64 alpha 0.5", 64, "awq", False),
-                                        ("awq g64 search", 64, "awq", True),
-                                        ("rtn g32", 32, "rtn", False)]:
+    for name, group, method, search, clip in [("rtn g64", 64, "rtn", False, False),
+                                              ("awq g64 alpha 0.5", 64, "awq", False, False),
+                                              ("awq g64 alpha 0.5 clip", 64, "awq", False, True),
+                                              ("awq g64 search", 64, "awq", True, False),
+                                              ("awq g64 search clip", 64, "awq", True, True),
+                                              ("rtn g32", 32, "rtn", False, False)]:
+        if args.rows and name not in args.rows:
+            continue
         t0 = time.perf_counter()
         d = Path(args.work) / name.replace(" ", "_").replace(".", "")
         auto_awq("smollm2-135m", d, w_group_size=group, method=method, search_scale=search,
-                 calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                 overwrite=True, progress=False)
+                 auto_clip=clip, calib_samples=args.calib_samples,
+                 calib_seqlen=args.calib_seqlen, overwrite=True, progress=False)
         record(name, hf_model_from_awq(d), dict(group=group, method=method, search=search,
+                                                clip=clip,
                                                 quantize_s=round(time.perf_counter() - t0, 1)))
 
 

@@ -108,6 +108,77 @@ def test_search_never_loses_to_round_to_nearest(tiny_model):
     assert all(len(r.losses) == 20 for r in results)
 
 
+def _clip_reference64(w, x, gs):
+    """Brute force in float64, one (row, group) at a time: the grid ratio whose clipped 4-bit
+    weights give the smallest mean squared error of that group's share of the output."""
+    from labkit.quant.awq_clip import CLIP_GRID
+    N, K = w.shape
+    best = torch.ones(N, K // gs, dtype=torch.float64)
+    for n in range(N):
+        for g in range(K // gs):
+            wg = w[n, g * gs:(g + 1) * gs].double()
+            xg = x[:, g * gs:(g + 1) * gs].double()
+            errs = []
+            for r in CLIP_GRID:
+                m = wg.abs().max() * r
+                cw = wg.clamp(-m, m)
+                lo, hi = cw.min(), cw.max()                   # int4.py's min-max rule, float64
+                s = (hi - lo).clamp(min=1e-5) / 15
+                s = s.half().double()
+                z = torch.round(-lo / s).clamp(0, 15)
+                q = (torch.round(cw / s) + z).clamp(0, 15)
+                errs.append((xg @ ((q - z) * s - wg)).pow(2).mean().item())
+            best[n, g] = CLIP_GRID[min(range(len(errs)), key=errs.__getitem__)]
+    return best
+
+
+def test_clip_picks_the_ratio_a_float64_search_picks():
+    from labkit.quant.awq_clip import clip_weight
+    gs = 32
+    w = torch.randn(24, 128) * 0.05
+    w[torch.rand_like(w) < 0.02] *= 12                          # a few outlier weights
+    x = torch.randn(200, 128) * torch.rand(128) * 3             # channels of different size
+    want = _clip_reference64(w, x, gs)
+    w_clip = w.clone()
+    got = clip_weight(w_clip, x, gs, tokens=200, rows_per_chunk=10)   # several row chunks
+    agree = ((got.double() - want).abs() < 1e-6).float().mean().item()
+    assert agree >= 0.95, agree            # float32 vs float64 may split a near-tie or two
+    assert (got < 1).any(), "outliers should make some groups clip"
+    m = w.abs().view(24, 4, gs).amax(-1, keepdim=True) * got[..., None]
+    torch.testing.assert_close(w_clip.view(24, 4, gs), torch.maximum(torch.minimum(
+        w.view(24, 4, gs), m), -m))
+
+
+def test_clip_never_raises_the_group_output_error():
+    from labkit.quant.awq_clip import clip_weight
+    from labkit.quant.int4 import fake_quantize
+    gs = 64
+    w = torch.randn(16, 256) * 0.05
+    x = torch.randn(300, 256)
+    w_clip = w.clone()
+    clip_weight(w_clip, x, gs)
+    err = lambda v: (x.view(300, 4, gs) * (fake_quantize(v, gs) - w).view(1, 16, 4, gs)  # noqa: E731
+                     .transpose(0, 1)).sum(-1).pow(2).mean(1)           # (16, 4) per group
+    assert (err(w_clip) <= err(w) + 1e-7).all()
+
+
+def test_auto_clip_runs_in_quantize_model_and_rtn_refuses_it(tiny_model):
+    import copy
+    from labkit.quant.int4 import QuantError
+    model = copy.deepcopy(tiny_model)
+    ids = torch.randint(0, 49152, (4, 32))
+    before = model.layers[0].feed_forward.w2.weight.detach().abs().amax().item()
+    quantized, _ = quantize_model(model, ids, AWQSettings(group_size=32, clip=True), progress=False)
+    assert len(quantized) == 4 * 2
+    assert model.layers[0].feed_forward.w2.weight.abs().amax().item() <= before * 1.5
+    with pytest.raises(ValueError, match="method=awq only"):
+        quantize_model(copy.deepcopy(tiny_model), None, AWQSettings(group_size=32, method="rtn",
+                                                                    clip=True), progress=False)
+    from labkit.quant.awq_lite import auto_awq
+    with pytest.raises(QuantError, match="not allowed with method=rtn"):
+        auto_awq("tiny-llama", "/nonexistent/never-written", method="rtn", auto_clip=True)
+
+
 # ---------------------------------------------------------------------------- CLI end to end
 @pytest.fixture(scope="module")
 def awq_dir(tmp_path_factory):

@@ -45,6 +45,7 @@ class AWQSettings:
     alpha: float = 0.5
     search_tokens: int = 2048         # tokens of the block-output loss (sequences are kept whole)
     batch: int = 8                    # calibration sequences per forward (bounds memory)
+    clip: bool = False                # AutoAWQ's weight clipping after smoothing (awq_clip.py)
 
 
 @dataclass
@@ -188,6 +189,8 @@ def quantize_model(model, calib_ids: torch.Tensor | None, st: AWQSettings, progr
 
     if st.method not in ("awq", "rtn"):
         raise ValueError(f"method={st.method!r} is not allowed: method must be awq or rtn")
+    if st.clip and st.method != "awq":
+        raise ValueError("clip needs calibration inputs: it is allowed with method=awq only")
     quantized, results = {}, []
     layers = model.layers
     if st.method == "awq":
@@ -201,9 +204,19 @@ def quantize_model(model, calib_ids: torch.Tensor | None, st: AWQSettings, progr
     for i in bar:
         layer = layers[i]
         if st.method == "awq":
+            x_in, res_in = x, residual
             feats, x, residual = _capture_inputs(layer, x, residual, positions, st.batch)
             results += smooth_layer(i, layer, feats, positions, st)
             del feats
+            if st.clip:       # the smoothed layer's own inputs (x / s), from a few sequences
+                from labkit.quant.awq_clip import CLIPPED, clip_weight
+                n = max(1, min(x_in.shape[0], 4096 // x_in.shape[1]))
+                feats, _, _ = _capture_inputs(layer, x_in[:n], None if res_in is None else
+                                              res_in[:n], positions[:n], st.batch)
+                for name in CLIPPED:
+                    clip_weight(layer.get_submodule(name).weight.data, feats[name],
+                                st.group_size, st.sym)
+                del feats
             if progress:
                 bar.set_postfix(alpha=",".join(f"{r.alpha:.2f}" for r in results[-4:]))
         for name in LINEARS:

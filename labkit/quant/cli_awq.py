@@ -26,6 +26,9 @@ def register(lite_sub, command, flag) -> None:
          help="tokens per calibration window (default 512; lmdeploy uses 2048 on a GPU)")
     flag(p, "--search-scale", action="store_true",
          help="grid-search AWQ's alpha (20 points) per group instead of alpha = 0.5")
+    flag(p, "--auto-clip", action="store_true",
+         help="AutoAWQ's weight clipping after smoothing: per group, the range (1.0 .. 0.55 of "
+              "max|w|) with the smallest output error on calibration tokens (wo, w13, w2)")
     flag(p, "--rtn", action="store_true",
          help="plain round-to-nearest, no AWQ smoothing (the baseline AWQ is compared with)")
     flag(p, "--device", default="cpu", help="where calibration runs: cpu | cuda | cuda:N")
@@ -38,7 +41,8 @@ def main(args: argparse.Namespace) -> int:
     out = auto_awq(args.model, args.work_dir, w_bits=args.w_bits, w_group_size=args.w_group_size,
                    w_sym=args.w_sym, calib_samples=args.calib_samples,
                    calib_seqlen=args.calib_seqlen, search_scale=args.search_scale,
-                   method="rtn" if args.rtn else "awq", overwrite=args.overwrite,
+                   method="rtn" if args.rtn else "awq", auto_clip=args.auto_clip,
+                   overwrite=args.overwrite,
                    device=args.device, progress=not args.no_progress)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)
