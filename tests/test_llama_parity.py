@@ -1,4 +1,11 @@
-"""The reference Llama equals HF transformers' LlamaForCausalLM on the same weights (fp32, CPU)."""
+"""The reference Llama equals HF transformers' LlamaForCausalLM on the same weights (fp32, CPU).
+
+The truth is HF's model in float64. Both fp32 models round differently over 30 layers (logits
+~35, each off by 1e-4-ish from float64 on random ids), so an absolute bound on |ours - HF fp32|
+was flaky (1 failure in a clean run); the test asks ours to be about as close to the float64
+logits as HF's own fp32 is, or within fp32 noise of them."""
+import copy
+
 import pytest
 import torch
 
@@ -15,9 +22,14 @@ def test_logits_match_hf(model):
     ids = torch.randint(0, ref.config.vocab_size, (2, 29), generator=g)   # fresh each run
     with torch.no_grad():
         a, b = ours(ids), ref(ids).logits
+        truth = copy.deepcopy(ref).double()(ids).logits                  # (2, 29, V) float64
     assert a.shape == b.shape == (2, 29, ref.config.vocab_size)
-    err = (a - b).abs().max().item()
-    assert err < 1e-4, f"max |ours - HF| = {err} (seed {seed})"
+    err_ours = (a.double() - truth).abs().max().item()
+    err_hf = (b.double() - truth).abs().max().item()                     # HF's own fp32 rounding
+    # fp32 noise: 0.6-2.5e-4 from float64 here (26 seeds), ours/HF's ratio 0.7-2.3; a real
+    # bug (RoPE, norm, a bf16 cast) is 1e-2 or more
+    assert err_ours <= max(4 * err_hf, 5e-4), \
+        f"max |ours - HF fp64| = {err_ours}, HF fp32's = {err_hf} (seed {seed})"
 
 
 def test_online_conversion_equals_workspace():
