@@ -1,9 +1,8 @@
 """AWQ quality on the bundled model (issue 10's acceptance): perplexity on the pydoc corpus
 (16 x 1024 tokens, never seen by calibration) measured by HF transformers on the dequantized
-weights, for: unquantized, RTN g64, AWQ alpha 0.5 g64 and AWQ --search-scale g64 (each also with
---auto-clip); and RTN g32,
-aligned to the bundled Q4_1 GGUF blocks (same steps and codes; the AWQ format's integer zero
-point is what it loses against them, notebook 09).
+weights, for: unquantized, RTN g64, AWQ alpha 0.5 g64 and AWQ --search-scale g64 (each also
+with --auto-clip); and RTN g32, aligned to the bundled Q4_1 GGUF blocks (same steps and codes;
+the AWQ format's integer zero point is what it loses against them, notebook 09).
 
     python scripts/awq_quality.py [--out build/awq_quality.json] [--calib-samples 32]
                                   [--rows "awq g64 alpha 0.5 clip" ...]

@@ -81,7 +81,7 @@ def instrument(engine):
     return steps
 
 
-def timeline(args) -> dict:
+def timeline() -> dict:
     from labkit.bench.roofline import copy_bandwidth, workload_roofline_seconds
     from labkit.bench.workload import Request, make_workload
     from labkit.config import EngineConfig, GenerationConfig
@@ -176,7 +176,7 @@ def main() -> int:
     ap.add_argument("--json")
     args = ap.parse_args()
     t = time.perf_counter()
-    res = {"device": torch.cuda.get_device_name(), "timeline": timeline(args)}
+    res = {"device": torch.cuda.get_device_name(), "timeline": timeline()}
     res["decode_kernel_smollm2"] = smollm_decode_kernels()
     res["seconds"] = time.perf_counter() - t
     if args.json:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from labkit.quant.awq_clip import CLIPPED, clip_weight
 from labkit.quant.int4 import fake_quantize, quantize_groups
 
 ALPHA_GRID = [i / 20 for i in range(20)]      # 0, 0.05, ..., 0.95
@@ -209,7 +210,6 @@ def quantize_model(model, calib_ids: torch.Tensor | None, st: AWQSettings, progr
             results += smooth_layer(i, layer, feats, positions, st)
             del feats
             if st.clip:       # the smoothed layer's own inputs (x / s), from a few sequences
-                from labkit.quant.awq_clip import CLIPPED, clip_weight
                 n = max(1, min(x_in.shape[0], 4096 // x_in.shape[1]))
                 feats, _, _ = _capture_inputs(layer, x_in[:n], None if res_in is None else
                                               res_in[:n], positions[:n], st.batch)
