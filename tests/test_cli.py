@@ -9,10 +9,14 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import REPO, labkit_cmd
 
 WEIGHTS = Path("triton_models") / "weights"
 
@@ -62,6 +66,29 @@ def test_check_env_kebab_spelling_and_json(labkit_run):
     info = json.loads(cp.stdout.strip().splitlines()[-1])
     assert info["ok"] and info["bundled_model"]["path"].endswith(".gguf")
     assert {p["name"] for p in info["packages"] if p["required"]} >= {"torch", "gguf", "numpy"}
+
+
+def test_our_kernels_package_coexists_with_transformers():
+    """transformers >= 5.25 imports Hugging Face's `kernels` when that distribution is installed;
+    ours must be the `kernels` this process sees, and transformers' hub integration must import."""
+    code = ("import kernels, transformers.integrations.hub_kernels as h, transformers; "
+            "print(kernels.__file__); kernels.rms_norm_ref")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    assert Path(cp.stdout.split()[-1]).resolve() == (REPO / "kernels" / "__init__.py").resolve()
+
+
+def test_check_env_reports_hugging_face_kernels_as_a_conflict(tmp_path):
+    """A `kernels` distribution on the path (its metadata is what transformers checks) makes
+    check_env exit 1 and name the fix."""
+    dist = tmp_path / "kernels-0.19.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    cp = subprocess.run(labkit_cmd("check_env"), capture_output=True, text=True, cwd=REPO, env=env,
+                        timeout=300)
+    assert cp.returncode == 1, cp.stdout
+    assert "CONFLICT" in cp.stdout and "pip uninstall -y kernels" in cp.stdout
 
 
 def test_no_command_prints_help(labkit_run):
