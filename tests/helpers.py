@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,17 +26,36 @@ def _workspace(model: str, tp: int) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def hf_model(model: str = "smollm2-135m"):
-    """HF transformers' own LlamaForCausalLM for the same weights (the independent reference)."""
+def hf_model(model: str = "smollm2-135m", dtype: torch.dtype = torch.float32):
+    """HF transformers' own LlamaForCausalLM for the same weights (the independent reference).
+    The bundled GGUF goes through HF's GGUF loader once per machine (`hf_checkpoint_of`)."""
     from transformers import AutoModelForCausalLM
     from labkit.models import bundled
     src = bundled.resolve_alias(model)
     if src.suffix == ".gguf":
-        m = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
+        src = hf_checkpoint_of(src)
+    return AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).eval()
+
+
+def hf_checkpoint_of(gguf: Path) -> Path:
+    """The GGUF as HF transformers reads it (its own de-quantization), saved once in the labkit
+    cache as an HF checkpoint: HF's GGUF reader spends ~35 s parsing metadata on every load,
+    and the suite loads the reference in several processes."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from labkit.models.bundled import _publish, cache_dir
+    key = f"{gguf.stem}-{gguf.stat().st_size}-transformers{transformers.__version__}"
+    out = cache_dir() / "hf-from-gguf" / key
+    if not (out / "config.json").is_file():
+        m = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                  dtype=torch.float32)
-    else:
-        m = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-    return m.eval()
+        m.hf_quantizer = None                    # the weights are plain float32 tensors now
+        if hasattr(m.config, "quantization_config"):
+            del m.config.quantization_config
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        m.save_pretrained(str(tmp))
+        _publish(tmp, out)
+    return out
 
 
 @functools.lru_cache(maxsize=None)

@@ -48,11 +48,7 @@ def test_dtype_spellings_and_bad_value():
 
 @pytest.fixture(scope="module")
 def hf_bf16():
-    from transformers import AutoModelForCausalLM
-    from labkit.models.bundled import bundled_gguf_path
-    src = bundled_gguf_path()
-    return AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
-                                                dtype=torch.bfloat16).eval()
+    return hf_model("smollm2-135m", dtype=torch.bfloat16)
 
 
 def test_bf16_logits_as_close_to_fp32_as_hf_bf16(hf_bf16):
@@ -60,12 +56,18 @@ def test_bf16_logits_as_close_to_fp32_as_hf_bf16(hf_bf16):
     ours = LlamaForCausalLM.from_pretrained(workspace("smollm2-135m"), dtype=torch.bfloat16)
     truth = hf_model("smollm2-135m")                                        # HF, fp32
     seed = random.randrange(2**31)
-    ids = torch.randint(0, truth.config.vocab_size, (2, 29), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, truth.config.vocab_size, (4, 48), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        ref = truth(ids).logits                                             # (2, 29, V) fp32
-        err_ours = (ours(ids).float() - ref).abs().max().item()
-        err_hf = (hf_bf16(ids).logits.float() - ref).abs().max().item()
-    assert 0 < err_ours <= 1.5 * err_hf, f"ours {err_ours:.3f} vs HF bf16 {err_hf:.3f} (seed {seed})"
+        ref = truth(ids).logits                                             # (4, 48, V) fp32
+        err_ours = ours(ids).float() - ref
+        err_hf = hf_bf16(ids).logits.float() - ref
+    # RMS over ~9.4M logits is the stable measure (two bf16 implementations round differently,
+    # and over 2 x 29 tokens their max errors alone differed by 0.5x-1.6x across seeds); the max
+    # bound catches a few positions gone badly wrong.
+    rms_ours, rms_hf = (e.pow(2).mean().sqrt().item() for e in (err_ours, err_hf))
+    max_ours, max_hf = (e.abs().max().item() for e in (err_ours, err_hf))
+    assert 0 < rms_ours <= 1.3 * rms_hf, f"RMS: ours {rms_ours:.4f} vs HF bf16 {rms_hf:.4f} (seed {seed})"
+    assert max_ours <= 2 * max_hf, f"max: ours {max_ours:.3f} vs HF bf16 {max_hf:.3f} (seed {seed})"
 
 
 def test_bf16_engine_picks_near_argmax_tokens():

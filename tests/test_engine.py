@@ -114,7 +114,7 @@ def test_prefix_cache_hit_keeps_output(engine):
 
 
 def test_abort_frees_blocks(engine):
-    ids = [engine.add_request(f"Count to {n}.", GenerationConfig(max_new_tokens=64, ignore_eos=True))
+    ids = [engine.add_request(f"Count to {n}.", GenerationConfig(max_new_tokens=24, ignore_eos=True))
            for n in range(5)]
     for _ in range(3):
         engine.step()
