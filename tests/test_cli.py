@@ -71,7 +71,9 @@ def test_check_env_kebab_spelling_and_json(labkit_run):
 def test_our_kernels_package_coexists_with_transformers():
     """transformers >= 5.25 imports Hugging Face's `kernels` when that distribution is installed;
     ours must be the `kernels` this process sees, and transformers' hub integration must import."""
-    code = ("import kernels, transformers.integrations.hub_kernels as h, transformers; "
+    code = ("import importlib, importlib.util, kernels, transformers.modeling_utils; "
+            "hub = 'transformers.integrations.hub_kernels'; "     # transformers >= 4.52
+            "importlib.util.find_spec(hub) and importlib.import_module(hub); "
             "print(kernels.__file__); kernels.rms_norm_ref")
     cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert cp.returncode == 0, cp.stderr[-2000:]
