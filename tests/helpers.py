@@ -43,7 +43,7 @@ def hf_checkpoint_of(gguf: Path) -> Path:
     and the suite loads the reference in several processes."""
     import transformers
     from transformers import AutoModelForCausalLM
-    from labkit.models.bundled import _publish, cache_dir
+    from labkit.models.bundled import publish_folder, cache_dir
     key = f"{gguf.stem}-{gguf.stat().st_size}-transformers{transformers.__version__}"
     out = cache_dir() / "hf-from-gguf" / key
     if not (out / "config.json").is_file():
@@ -54,7 +54,7 @@ def hf_checkpoint_of(gguf: Path) -> Path:
             del m.config.quantization_config
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         m.save_pretrained(str(tmp))
-        _publish(tmp, out)
+        publish_folder(tmp, out)
     return out
 
 

@@ -72,7 +72,7 @@ def bundled_tokenizer_dir() -> Path:
         tok.pad_token = tok.eos_token
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tok.save_pretrained(str(tmp))
-    _publish(tmp, out)
+    publish_folder(tmp, out)
     return out
 
 
@@ -106,11 +106,11 @@ def tiny_model_dir(tied: bool = False, seed: int = 0) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    _publish(tmp, out)
+    publish_folder(tmp, out)
     return out
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def publish_folder(tmp: Path, out: Path) -> None:
     """Move a finished folder into place; if another process won the race, drop ours."""
     import shutil
     try:
