@@ -24,9 +24,10 @@ import argparse
 import importlib
 import logging
 import os
-import signal
 import sys
 from typing import Callable
+
+from labkit import interrupt
 
 EXIT_ERROR = 2          # argparse's own exit status for bad usage; we use it for every user error
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -236,14 +237,6 @@ def _version() -> str:
         return "(not installed)"
 
 
-class _Interrupted(KeyboardInterrupt):
-    """SIGTERM, turned into a KeyboardInterrupt so `finally`/`except BaseException` clean up."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Interrupted()
-
-
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())        # collapse newlines: the contract is ONE line
     return text or type(e).__name__
@@ -265,11 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     debug = args.debug or os.environ.get("LABKIT_DEBUG", "") not in ("", "0")
     _setup_logging(args.log_level)
-    previous = _install_sigterm()
+    previous = interrupt.install()
     try:
         rc = args.handler(args)
     except KeyboardInterrupt as e:
-        what = "terminated" if isinstance(e, _Interrupted) else "interrupted"
+        what = "terminated" if isinstance(e, interrupt.Terminated) else "interrupted"
         print(f"labkit: {what}; nothing was left half-written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:          # `labkit ... | head`: the reader left, that is fine
@@ -285,21 +278,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"traceback)", file=sys.stderr)
         return EXIT_ERROR
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        interrupt.restore(previous)
+    if interrupt.received():      # it arrived after the last commit point: the work is whole,
+        print("labkit: terminated (after the command had finished its work)", file=sys.stderr)
+        return EXIT_INTERRUPTED   # but whoever sent it should still see that it stopped us
     return int(rc or 0)
-
-
-def _install_sigterm():
-    """Make SIGTERM raise (like Ctrl-C) so cleanup runs; returns the handler it replaced."""
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous not in (signal.SIG_DFL, None):
-        return None         # someone (a server, a notebook kernel) handles SIGTERM already
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    return previous
 
 
 def _setup_logging(level: str) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from labkit import interrupt
 from labkit.config import ConfigError, ModelConfig
 from labkit.models import bundled
 from labkit.models.loader import (ModelInfo, inspect_model, is_workspace, load, shard,  # noqa: F401
@@ -114,6 +115,7 @@ def _save_tokenizer(src_dir: Path, out: Path) -> None:
 
 
 def _move_into_place(tmp: Path, dst: Path) -> None:
+    interrupt.check()            # a SIGTERM that arrived while building: publish nothing
     old = None
     if dst.exists():
         old = dst.parent / f".{dst.name}.labkit-old-{os.getpid()}"

@@ -236,6 +236,28 @@ def test_sigterm_midway_cleans_up(tmp_path, labkit_popen, bundled_gguf):
     proc, partial = _start_and_wait_for_partial(labkit_popen, dst)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, (proc.returncode, dst.exists(), err)
     assert "Traceback" not in err
     assert not dst.exists() and not partial.exists() and not partials(dst)
+
+
+def test_sigterm_swallowed_by_a_library_still_publishes_nothing(tmp_path, tiny_llama_dir, monkeypatch):
+    """The handler's exception can be lost inside library code that catches everything; the
+    signal is recorded too, and the commit point before the rename raises it again."""
+    import labkit.convert as conv
+    from labkit.cli import main
+    real = conv._save_tokenizer
+
+    def save_tokenizer_that_swallows(*a):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)        # handled at the next bytecode: here
+            time.sleep(0.01)
+        except BaseException:                           # noqa: BLE001 -- what some libraries do
+            pass
+        real(*a)
+
+    monkeypatch.setattr(conv, "_save_tokenizer", save_tokenizer_that_swallows)
+    dst = tmp_path / "ws"
+    assert main(["convert", str(tiny_llama_dir), "--dst-path", str(dst), "--no-progress"]) == 130
+    assert not dst.exists() and not partials(dst)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL      # main put the default back

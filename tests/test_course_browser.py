@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -42,16 +43,23 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def lab(tmp_path):
-    """JupyterLab as `make lab` starts it, serving tmp_path; yields (base URL, token)."""
+    """JupyterLab as `make lab` starts it, serving tmp_path/root; yields (base URL, token)."""
     nb = {"cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {},
                      "outputs": [], "source": src} for i, src in enumerate(CELLS)],
           "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
           "nbformat": 4, "nbformat_minor": 5}
-    (tmp_path / "widget_check.ipynb").write_text(json.dumps(nb))
+    root, state = tmp_path / "root", tmp_path / "state"
+    root.mkdir()
+    (root / "widget_check.ipynb").write_text(json.dumps(nb))
     port, token = _free_port(), secrets.token_hex(16)
     env = {**os.environ, "PYTHONPATH": str(REPO), "LABKIT_FAST": "1"}
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-           f"--ServerApp.root_dir={tmp_path}", f"--IdentityProvider.token={token}"]
+           f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={token}",
+           # JupyterLab's workspace (open tabs) and settings live in ~/.jupyter/lab by default: a
+           # workspace left by an earlier run reopens the notebook beside the URL's copy, and the
+           # second copy asks "Select Kernel" in a dialog that blocks Run All. Keep both here.
+           f"--LabApp.workspaces_dir={state / 'workspaces'}",
+           f"--LabApp.user_settings_dir={state / 'settings'}"]
     if os.getuid() == 0:
         cmd.append("--allow-root")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -87,11 +95,15 @@ def test_memory_explorer_renders_and_follows_a_slider_in_chromium(lab):
             page = browser.new_page(viewport={"width": 1200, "height": 1000})
             page.goto(f"{base}/lab/tree/widget_check.ipynb?token={token}")
             page.locator(".jp-Notebook").wait_for(timeout=30_000)
-            page.wait_for_timeout(1500)                     # the kernel session attaches
+            # Run All before the notebook has its kernel opens a "Select Kernel" dialog that blocks
+            # it (a fixed 1.5 s wait failed on a loaded machine); the toolbar's indicator reads
+            # idle even then, so wait for the status bar: "Python 3 (ipykernel) | Idle".
+            status = page.locator(".jp-StatusBar-Widget", has_text=re.compile(r"ipykernel\) \| Idle"))
+            status.first.wait_for(timeout=60_000)
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
             text = page.locator(".widget-html-content", has_text="KV cache").first
-            expect(text).to_contain_text("max_batch_size=8", timeout=45_000)
+            expect(text).to_contain_text("max_batch_size=8", timeout=60_000)
             page.locator(".widget-output img").first.wait_for(timeout=10_000)   # the stacked bars
             handle = page.locator(".widget-hslider", has_text="max_batch_size").locator(".noUi-handle").first
             handle.focus()

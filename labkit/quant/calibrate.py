@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from labkit import interrupt
 from labkit.corpus import EVAL_TOKENS, pydoc_text, token_chunks
 
 log = logging.getLogger("labkit")
@@ -125,6 +126,7 @@ def _save_atomically(work_dir, files: dict) -> Path:
         tmp.mkdir(parents=True, exist_ok=True)
         for name, obj in files.items():
             torch.save(obj, tmp / name)
+        interrupt.check()        # a SIGTERM that arrived while saving: publish nothing
         dst.mkdir(parents=True, exist_ok=True)
         for name in files:
             os.replace(tmp / name, dst / name)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from labkit import interrupt
 from labkit.config import ConfigError, ModelConfig
 
 QPARAMS_FILE = "kv_qparams.safetensors"
@@ -99,6 +100,7 @@ def write_kv_qparams(work_dir, weights_dir, kv_bits: int = 8, kv_sym: bool = Fal
     tmp = wdir / f".{QPARAMS_FILE}.partial-{os.getpid()}"
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        interrupt.check()                       # a SIGTERM while writing: keep the old file
         os.replace(tmp, dst)                    # atomic: the old file or the new one, never half
     finally:
         tmp.unlink(missing_ok=True)
