@@ -84,11 +84,12 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(N, K) weight in `dtype` (default: the scales' dtype); arithmetic in float32."""
-    q = unpack_int4(qweight).float()                               # (N, K)
-    s = scales.float().repeat_interleave(group_size, dim=1)        # (N, K)
-    z = zeros.float().repeat_interleave(group_size, dim=1)         # (N, K)
-    return ((q - z) * s).to(dtype or scales.dtype)
+    """(N, K) weight in `dtype` (default: the scales' dtype); arithmetic in float32. Groups
+    are broadcast, not repeated: no (N, K) copies of the scales and zeros."""
+    N, K = qweight.shape[0], 2 * qweight.shape[1]
+    q = unpack_int4(qweight).view(N, K // group_size, group_size).float()     # (N, K/G, G)
+    w = (q - zeros.float()[..., None]) * scales.float()[..., None]           # (N, K/G, G)
+    return w.view(N, K).to(dtype or scales.dtype)
 
 
 def w4a16_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

@@ -39,8 +39,9 @@ class Linear(nn.Module):
 class W4A16Linear(nn.Module):
     """y = x W^T (+ b) with W held as 4-bit codes (kernels/w4a16.py has the layout):
     qweight (out, in/2) uint8, scales (out, in/G) in the model dtype, zeros (out, in/G) uint8.
-    CUDA runs the Triton W4A16 kernel (dequantization in registers); elsewhere the reference
-    dequantizes the whole weight, then multiplies."""
+    CUDA runs the Triton W4A16 kernel (dequantization in registers); a bf16 decode batch on the
+    CPU runs PyTorch's int4 CPU kernel on a copy of the codes repacked once for it
+    (kernels/w4a16_cpu.py); everything else the reference: dequantize the whole weight, multiply."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
         super().__init__()
@@ -54,8 +55,24 @@ class W4A16Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), **frozen) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kernels import w4a16_cpu
+        if (x.device.type == "cpu" and x.dtype == torch.bfloat16
+                and x.numel() <= w4a16_cpu.CPU_MAX_ROWS * x.shape[-1]
+                and w4a16_cpu.supported(self.qweight, self.group_size)):
+            return w4a16_cpu.w4a16_linear_cpu(x, *self._cpu_packed(), self.group_size, self.bias)
         from kernels.w4a16 import w4a16_linear
         return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+
+    def _cpu_packed(self):
+        """The CPU kernel's copy of the weight, made on first use and again if a tensor changes."""
+        key = tuple(t.data_ptr() for t in (self.qweight, self.scales, self.zeros)) + \
+            tuple(t._version for t in (self.qweight, self.scales, self.zeros) if not t.is_inference())
+        hit = self.__dict__.get("_cpu_pack")                      # (key, (packed, scales_zeros))
+        if hit is None or hit[0] != key:
+            from kernels.w4a16_cpu import pack_for_cpu
+            hit = (key, pack_for_cpu(self.qweight, self.scales, self.zeros, self.group_size))
+            self.__dict__["_cpu_pack"] = hit                      # not a buffer: not saved, not moved
+        return hit[1]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
