@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"traceback)", file=sys.stderr)
         return EXIT_ERROR
     finally:
-        interrupt.restore(previous)
-    if interrupt.received():      # it arrived after the last commit point: the work is whole,
+        terminated = interrupt.restore(previous)
+    if terminated:                # it arrived after the last commit point: the work is whole,
         print("labkit: terminated (after the command had finished its work)", file=sys.stderr)
         return EXIT_INTERRUPTED   # but whoever sent it should still see that it stopped us
     return int(rc or 0)

@@ -7,6 +7,7 @@ that rename must leave nothing behind:
     install()    SIGTERM -> `Terminated` (a KeyboardInterrupt), so `finally` and
                  `except BaseException` blocks clean up as they do for Ctrl-C
     check()      called right before a rename: raises `Terminated` if a SIGTERM has arrived
+    restore()    the previous handler back, the record cleared; says whether one arrived
 
 Why both: Python runs a signal handler in the main thread at the next bytecode, wherever that
 is, and an exception raised inside library code that catches everything is lost; the handler
@@ -45,14 +46,14 @@ def install():
     return previous
 
 
-def restore(previous) -> None:
+def restore(previous) -> bool:
+    """Put back what `install()` replaced and forget the signal (a later conversion in the same
+    process, e.g. a test or a notebook, must not see it). Returns whether one had arrived."""
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
-
-
-def received() -> bool:
-    """Whether a SIGTERM arrived since `install()`."""
-    return _received.is_set()
+    arrived = _received.is_set()
+    _received.clear()
+    return arrived
 
 
 def check() -> None:

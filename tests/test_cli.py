@@ -261,3 +261,6 @@ def test_sigterm_swallowed_by_a_library_still_publishes_nothing(tmp_path, tiny_l
     assert main(["convert", str(tiny_llama_dir), "--dst-path", str(dst), "--no-progress"]) == 130
     assert not dst.exists() and not partials(dst)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL      # main put the default back
+    monkeypatch.setattr(conv, "_save_tokenizer", real)
+    conv.convert(tiny_llama_dir, dst, progress=False)               # and forgot the signal
+    assert dst.is_dir()
