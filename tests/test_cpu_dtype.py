@@ -39,6 +39,22 @@ def test_auto_dtype_on_cpu(monkeypatch, native, expected):
     assert dev.resolve_device(EngineConfig(device="cpu", dtype="bf16"))[1] == torch.bfloat16
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_for_int4_weights_on_cpu_is_bf16(monkeypatch, native):
+    """W4A16's activations are 16-bit: with PyTorch's int4 CPU kernel, auto picks bf16 for int4
+    weights on any CPU; dense weights keep the table's choice; an explicit dtype still wins."""
+    from kernels import w4a16_cpu
+    monkeypatch.setattr(dev, "cpu_computes_bf16", lambda: native)
+    for kernel in (True, False):
+        monkeypatch.setattr(w4a16_cpu, "AVAILABLE", kernel)
+        want = torch.bfloat16 if (native or kernel) else torch.float32
+        assert dev.resolve_device(EngineConfig(device="cpu"), "int4")[1] == want
+        assert dev.resolve_device(EngineConfig(device="cpu"), "random int4")[1] == want
+        assert dev.resolve_device(EngineConfig(device="cpu"), "fp32")[1] == \
+            (torch.bfloat16 if native else torch.float32)
+        assert dev.resolve_device(EngineConfig(device="cpu", dtype="float32"), "int4")[1] == torch.float32
+
+
 def test_dtype_spellings_and_bad_value():
     assert [EngineConfig(dtype=d).dtype for d in ("fp32", "bf16", "fp16", "bfloat16")] == \
         ["float32", "bfloat16", "float16", "bfloat16"]

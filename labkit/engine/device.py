@@ -5,6 +5,9 @@ every weight once per token: half the bytes per weight is close to twice the tok
 
     CUDA                                  bfloat16
     CPU with AVX512-BF16 or AMX (x86)     bfloat16  (oneDNN's bf16 GEMMs: bf16 products, fp32 sums)
+    any other CPU, int4 (W4A16) weights   bfloat16  (the A16: PyTorch's int4 CPU kernel computes in
+                                                     bf16; fp32 takes the dequantize-every-call
+                                                     reference, ~10x slower decode, docs/PERF.md)
     any other CPU                         float32   (bf16 there is emulated: slower than fp32)
 
 float32 stays available (`dtype="float32"`): the parity tests against HF transformers use it.
@@ -35,19 +38,24 @@ def cpu_computes_bf16() -> bool:
     return False
 
 
-def auto_dtype(device: torch.device) -> torch.dtype:
-    """The dtype `dtype="auto"` means on `device` (see the table above)."""
+def auto_dtype(device: torch.device, weight_type: str = "") -> torch.dtype:
+    """The dtype `dtype="auto"` means on `device` for weights of `weight_type` (the table above)."""
     if device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16()):
         return torch.bfloat16
+    if device.type == "cpu" and weight_type.endswith("int4"):
+        from kernels.w4a16_cpu import AVAILABLE
+        if AVAILABLE:
+            return torch.bfloat16
     return torch.float32
 
 
-def resolve_device(ec: EngineConfig) -> tuple[torch.device, torch.dtype]:
+def resolve_device(ec: EngineConfig, weight_type: str = "") -> tuple[torch.device, torch.dtype]:
+    """`weight_type`: the model's (ModelInfo.weight_type), which `dtype="auto"` looks at."""
     if ec.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(ec.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={ec.device!r} is not allowed here: no CUDA device; use auto or cpu")
-    dtype = auto_dtype(device) if ec.dtype == "auto" else getattr(torch, ec.dtype)
+    dtype = auto_dtype(device, weight_type) if ec.dtype == "auto" else getattr(torch, ec.dtype)
     return device, dtype

@@ -56,7 +56,7 @@ class LLMEngine:
         self.config, self.config_notes = resolve_engine_config(engine_config, info.inference, cfg)
         ec = self.config
         cfg.check_tp(ec.tp)               # a clear error before any rank's process starts
-        self.device, self.dtype = resolve_device(ec)
+        self.device, self.dtype = resolve_device(ec, info.weight_type)
         self.tp_group = None
         try:
             self._load(model, cfg, ec, info.workspace)

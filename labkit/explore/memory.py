@@ -121,7 +121,7 @@ def memory_breakdown(model, **settings) -> MemoryBreakdown:
     cfg = info.config
     ec, _ = resolve_engine_config(EngineConfig(**settings), info.inference, cfg)
     cfg.check_tp(ec.tp)
-    device, dtype = resolve_device(ec)
+    device, dtype = resolve_device(ec, info.weight_type)
     plan, source = plan_for(cfg, ec, device, dtype)
     elem = torch.empty((), dtype=dtype).element_size()
     return MemoryBreakdown(ec, str(device), str(dtype).replace("torch.", ""),
