@@ -39,7 +39,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     flag(g, "max_prefill_token_num", type=int, default=8192, help="tokens per prefill step")
     flag(g, "device", default="auto", help="auto | cpu | cuda | cuda:N")
     flag(g, "dtype", default="auto",
-         help="auto (bf16 on GPU and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16")
+         help="auto (bf16 on GPU, on CPUs with native bf16 and for int4 weights, else fp32) | fp32 | bf16 | fp16")
     flag(g, "model_name", help="chat template name (default: the model's)")
     flag(g, "disable_prefix_caching", action="store_true", help="turn prefix caching off")
 

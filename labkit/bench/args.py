@@ -15,7 +15,7 @@ def add_model_args(p, default_model: str = "smollm2-135m") -> None:
          help="the shape of the dummy weights")
     flag(p, "device", default="auto", help="auto | cpu | cuda | cuda:N")
     flag(p, "dtype", default="auto",
-         help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16")
+         help="auto (bf16 on CUDA, on CPUs with native bf16 and for int4 weights, else fp32) | fp32 | bf16 | fp16")
 
 
 def add_decode_args(p) -> None:
