@@ -101,7 +101,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                    # auto | float32 | bfloat16 | float16 (or fp32, bf16, fp16);
-                                           # auto: bf16 on GPU, on CPUs with native bf16 and for int4 weights, else fp32
+                                           # auto: bf16 on GPU, on CPUs with native bf16
+                                           # and for int4 weights on any CPU; else fp32
     kv_budget_gib: float = 4.0             # CPU only: cap for the fractional KV cache size
     model_name: Optional[str] = None       # chat template override
     attention_backend: str = "auto"        # auto (triton on CUDA, torch elsewhere) | torch | triton
