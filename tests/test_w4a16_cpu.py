@@ -83,3 +83,21 @@ def test_repacks_when_the_weight_changes_in_place():
     torch.testing.assert_close(after, w4a16_linear_ref(x, layer.qweight, layer.scales, layer.zeros, 32),
                                atol=0.05, rtol=0.02)
     assert not torch.allclose(before, after)
+
+
+def test_bf16_cpu_model_packs_its_int4_layers_at_load(tiny_llama_dir, tmp_path):
+    """The kernel's copy is made when the model is loaded, not in the first decode step, and the
+    packed model's decode rows agree with the reference path (same weights, bf16)."""
+    from labkit.convert import convert
+    from labkit.models.llama import LlamaForCausalLM
+    from labkit.quant.awq_lite import auto_awq
+    awq = auto_awq(str(tiny_llama_dir), tmp_path / "awq", calib_samples=2, calib_seqlen=32,
+                   progress=False)
+    ws = convert(awq, tmp_path / "ws", model_format="awq", progress=False)
+    model = LlamaForCausalLM.from_pretrained(ws, dtype=torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, W4A16Linear)]
+    assert linears and all("_cpu_pack" in m.__dict__ for m in linears)
+    x = torch.randn(3, linears[0].in_features).bfloat16()
+    layer = linears[0]
+    want = _float64(x, layer.qweight, layer.scales.float(), layer.zeros, layer.group_size)
+    assert (layer(x).double() - want).abs().max() <= 2e-2 * want.abs().max()
