@@ -14,28 +14,30 @@ pytestmark = pytest.mark.skipif(not w4a16_cpu.AVAILABLE,
 
 
 def _random_int4(N, K, G, g):
+    """-> codes q (N, K), then qweight, scales, zeros as a W4A16Linear holds them."""
     q = torch.randint(0, 16, (N, K), generator=g)
     scales = torch.rand(N, K // G, generator=g) * 0.02 + 1e-3
     zeros = torch.randint(0, 16, (N, K // G), generator=g, dtype=torch.uint8)
-    return pack_int4(q), scales, zeros
+    return q, pack_int4(q), scales, zeros
 
 
-def _float64(x, qweight, scales, zeros, G, bias=None):
+def _float64(x, qweight, scales, zeros, G):
     w = dequantize_int4(qweight, scales.double(), zeros, G, torch.float64)      # (N, K)
-    y = x.double() @ w.T
-    return y + bias.double() if bias is not None else y
+    return x.double() @ w.T
 
 
 @pytest.mark.parametrize("N, K, G", [(48, 64, 32), (32, 128, 64), (64, 256, 128), (960, 576, 64)])
 @pytest.mark.parametrize("M", [1, 3, 8])
 def test_cpu_int4_kernel_matches_float64(N, K, G, M):
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
-    qweight, scales, zeros = _random_int4(N, K, G, g)
+    q, qweight, scales, zeros = _random_int4(N, K, G, g)
     bias = torch.randn(N, generator=g).bfloat16()
     x = torch.randn(M, K, generator=g).bfloat16()
     packed, sz = w4a16_cpu.pack_for_cpu(qweight, scales, zeros, G)
     got = w4a16_cpu.w4a16_linear_cpu(x, packed, sz, G, bias)
-    want = _float64(x, qweight, scales, zeros, G, bias)                         # (M, N)
+    # the reference starts from the codes drawn, not from our unpacking of qweight
+    w = (q.double().view(N, K // G, G) - zeros.double()[..., None]) * scales.double()[..., None]
+    want = x.double() @ w.view(N, K).T + bias.double()                         # (M, N) float64
     ref16 = w4a16_linear_ref(x, qweight, scales.bfloat16(), zeros, G, bias)    # the bf16 reference
     assert got.shape == (M, N) and got.dtype == torch.bfloat16
     err, ref_err = ((got.double() - want).abs().max(), (ref16.double() - want).abs().max())
@@ -46,7 +48,7 @@ def test_cpu_int4_kernel_matches_float64(N, K, G, M):
 def _layer(N, K, G, seed, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
     layer = W4A16Linear(K, N, G)
-    qweight, scales, zeros = _random_int4(N, K, G, g)
+    _, qweight, scales, zeros = _random_int4(N, K, G, g)
     with torch.no_grad():
         layer.qweight.copy_(qweight)
         layer.scales.copy_(scales)

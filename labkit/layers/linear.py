@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import w4a16_cpu
+from kernels.w4a16 import w4a16_linear
 from labkit.layers.backend import TORCH
 
 
@@ -55,12 +57,10 @@ class W4A16Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), **frozen) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels import w4a16_cpu
         if (x.device.type == "cpu" and x.dtype == torch.bfloat16
                 and x.numel() <= w4a16_cpu.CPU_MAX_ROWS * x.shape[-1]
                 and w4a16_cpu.supported(self.qweight, self.group_size)):
             return w4a16_cpu.w4a16_linear_cpu(x, *self._cpu_packed(), self.group_size, self.bias)
-        from kernels.w4a16 import w4a16_linear
         return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def _cpu_packed(self):
@@ -69,8 +69,7 @@ class W4A16Linear(nn.Module):
             tuple(t._version for t in (self.qweight, self.scales, self.zeros) if not t.is_inference())
         hit = self.__dict__.get("_cpu_pack")                      # (key, (packed, scales_zeros))
         if hit is None or hit[0] != key:
-            from kernels.w4a16_cpu import pack_for_cpu
-            hit = (key, pack_for_cpu(self.qweight, self.scales, self.zeros, self.group_size))
+            hit = (key, w4a16_cpu.pack_for_cpu(self.qweight, self.scales, self.zeros, self.group_size))
             self.__dict__["_cpu_pack"] = hit                      # not a buffer: not saved, not moved
         return hit[1]
 
@@ -86,7 +85,6 @@ def pack_w4a16_for_cpu(model: nn.Module) -> int:
     """Make every W4A16Linear's copy for PyTorch's int4 CPU kernel now, at load time, rather than
     in the first decode step (~0.5 s for the bundled model: a latency spike for the first request
     and a skewed first benchmark point). Returns how many layers were packed."""
-    from kernels import w4a16_cpu
     layers = [m for m in model.modules() if isinstance(m, W4A16Linear)
               and w4a16_cpu.supported(m.qweight, m.group_size)]
     for m in layers:
