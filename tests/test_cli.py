@@ -244,6 +244,8 @@ def test_sigterm_midway_cleans_up(tmp_path, labkit_popen, bundled_gguf):
 def test_sigterm_swallowed_by_a_library_still_publishes_nothing(tmp_path, tiny_llama_dir, monkeypatch):
     """The handler's exception can be lost inside library code that catches everything; the
     signal is recorded too, and the commit point before the rename raises it again."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:    # main would leave it alone, and
+        pytest.skip("this pytest process handles or ignores SIGTERM itself")  # the kill hit pytest
     import labkit.convert as conv
     from labkit.cli import main
     real = conv._save_tokenizer
