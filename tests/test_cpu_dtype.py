@@ -77,13 +77,24 @@ def test_bf16_logits_as_close_to_fp32_as_hf_bf16(hf_bf16):
         ref = truth(ids).logits                                             # (4, 48, V) fp32
         err_ours = ours(ids).float() - ref
         err_hf = hf_bf16(ids).logits.float() - ref
-    # RMS over ~9.4M logits is the stable measure (two bf16 implementations round differently,
-    # and over 2 x 29 tokens their max errors alone differed by 0.5x-1.6x across seeds); the max
-    # bound catches a few positions gone badly wrong.
-    rms_ours, rms_hf = (e.pow(2).mean().sqrt().item() for e in (err_ours, err_hf))
-    max_ours, max_hf = (e.abs().max().item() for e in (err_ours, err_hf))
-    assert 0 < rms_ours <= 1.3 * rms_hf, f"RMS: ours {rms_ours:.4f} vs HF bf16 {rms_hf:.4f} (seed {seed})"
-    assert max_ours <= 2 * max_hf, f"max: ours {max_ours:.3f} vs HF bf16 {max_hf:.3f} (seed {seed})"
+    # Per position, the worst logit error over the vocabulary; the bulk of those 192 numbers is
+    # compared, not the largest. A few positions are ill-conditioned (where a layer forms the
+    # model's massive activations, one bf16 rounding grows ~100x), and there the two bf16
+    # implementations land anywhere: with seed 1711385818 ours was 3.8x HF's error at one such
+    # position and 0.9-1.1x everywhere else, and those positions alone moved the RMS over all
+    # logits by 0.5x-1.45x across seeds. Clean runs over 24 seeds: mean 0.92-1.08, p90 0.92-1.18,
+    # top-1 within 8 of HF; one extra bf16-sized error per attention output (2^-7 relative noise)
+    # gave a mean of 1.19-1.37, which the old RMS bound of 1.3 let through in 3 of 3 seeds.
+    pos_ours, pos_hf = (e.abs().amax(-1).flatten() for e in (err_ours, err_hf))   # (192,) each
+    mean_ratio = (pos_ours.mean() / pos_hf.mean()).item()
+    p90_ratio = (pos_ours.quantile(0.9) / pos_hf.quantile(0.9)).item()
+    best = ref.argmax(-1)
+    top1_ours = ((err_ours + ref).argmax(-1) == best).sum().item()
+    top1_hf = ((err_hf + ref).argmax(-1) == best).sum().item()
+    where = f"(seed {seed})"
+    assert 0 < mean_ratio <= 1.2, f"mean per-position max error: ours/HF bf16 = {mean_ratio:.2f} {where}"
+    assert p90_ratio <= 1.3, f"90th percentile of per-position max error: ours/HF bf16 = {p90_ratio:.2f} {where}"
+    assert top1_ours >= top1_hf - 10, f"fp32's argmax kept at {top1_ours} positions, HF bf16 {top1_hf} {where}"
 
 
 def test_bf16_engine_picks_near_argmax_tokens():
