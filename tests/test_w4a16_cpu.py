@@ -98,7 +98,7 @@ def test_bf16_cpu_model_packs_its_int4_layers_at_load(tiny_llama_dir, tmp_path):
     ws = convert(awq, tmp_path / "ws", model_format="awq", progress=False)
     model = LlamaForCausalLM.from_pretrained(ws, dtype=torch.bfloat16)
     linears = [m for m in model.modules() if isinstance(m, W4A16Linear)]
-    assert linears and all("_cpu_pack" in m.__dict__ for m in linears)
+    assert linears and all("_repacked_cpu" in m.__dict__ for m in linears)
     x = torch.randn(3, linears[0].in_features).bfloat16()
     layer = linears[0]
     want = _float64(x, layer.qweight, layer.scales.float(), layer.zeros, layer.group_size)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import w4a16_cpu
+from kernels import w4a16_cpu, w4a16_gemv
+from kernels._triton import HAS_TRITON
 from kernels.w4a16 import w4a16_linear
 from labkit.layers.backend import TORCH
 
@@ -41,9 +42,11 @@ class Linear(nn.Module):
 class W4A16Linear(nn.Module):
     """y = x W^T (+ b) with W held as 4-bit codes (kernels/w4a16.py has the layout):
     qweight (out, in/2) uint8, scales (out, in/G) in the model dtype, zeros (out, in/G) uint8.
-    CUDA runs the Triton W4A16 kernel (dequantization in registers); a bf16 decode batch on the
-    CPU runs PyTorch's int4 CPU kernel on a copy of the codes repacked once for it
-    (kernels/w4a16_cpu.py); everything else the reference: dequantize the whole weight, multiply."""
+    On CUDA a decode batch of 1-4 rows runs the W4A16 GEMV (kernels/w4a16_gemv.py) on a copy of
+    the codes repacked once into its "planes" layout, larger batches the tensor-core kernel; a
+    bf16 decode batch on the CPU runs PyTorch's int4 CPU kernel on a copy repacked for it
+    (kernels/w4a16_cpu.py); everything else the reference: dequantize the whole weight, multiply.
+    The repacked copies are made at load (pack_w4a16_copies) and again if a tensor changes."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
         super().__init__()
@@ -57,20 +60,25 @@ class W4A16Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), **frozen) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.bfloat16
-                and x.numel() <= w4a16_cpu.CPU_MAX_ROWS * x.shape[-1]
+        rows = x.numel() // x.shape[-1]
+        if x.is_cuda and HAS_TRITON and rows <= w4a16_gemv.GEMV_MAX_ROWS:
+            return w4a16_gemv.w4a16_gemv_triton(x, self._repacked("gpu"), self.bias)
+        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows <= w4a16_cpu.CPU_MAX_ROWS
                 and w4a16_cpu.supported(self.qweight, self.group_size)):
-            return w4a16_cpu.w4a16_linear_cpu(x, *self._cpu_packed(), self.group_size, self.bias)
+            return w4a16_cpu.w4a16_linear_cpu(x, *self._repacked("cpu"), self.group_size, self.bias)
         return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
-    def _cpu_packed(self):
-        """The CPU kernel's copy of the weight, made on first use and again if a tensor changes."""
-        key = tuple(t.data_ptr() for t in (self.qweight, self.scales, self.zeros)) + \
-            tuple(t._version for t in (self.qweight, self.scales, self.zeros) if not t.is_inference())
-        hit = self.__dict__.get("_cpu_pack")                      # (key, (packed, scales_zeros))
+    def _repacked(self, kind: str):
+        """A kernel's copy of the weight ("gpu": the GEMV's planes, "cpu": PyTorch's int4 CPU
+        format), made on first use and again if a tensor changes in place or is replaced."""
+        tensors = (self.qweight, self.scales, self.zeros)
+        key = tuple(t.data_ptr() for t in tensors) + \
+            tuple(t._version for t in tensors if not t.is_inference())
+        hit = self.__dict__.get("_repacked_" + kind)             # (key, copy)
         if hit is None or hit[0] != key:
-            hit = (key, w4a16_cpu.pack_for_cpu(self.qweight, self.scales, self.zeros, self.group_size))
-            self.__dict__["_cpu_pack"] = hit                      # not a buffer: not saved, not moved
+            pack = w4a16_gemv.pack_planes if kind == "gpu" else w4a16_cpu.pack_for_cpu
+            hit = (key, pack(*tensors, self.group_size))
+            self.__dict__["_repacked_" + kind] = hit              # not a buffer: not saved, not moved
         return hit[1]
 
     def extra_repr(self) -> str:
@@ -81,15 +89,25 @@ class W4A16Linear(nn.Module):
 DECODER_LINEARS = ("attention.w_qkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
 
-def pack_w4a16_for_cpu(model: nn.Module) -> int:
-    """Make every W4A16Linear's copy for PyTorch's int4 CPU kernel now, at load time, rather than
-    in the first decode step (~0.5 s for the bundled model: a latency spike for the first request
-    and a skewed first benchmark point). Returns how many layers were packed."""
-    layers = [m for m in model.modules() if isinstance(m, W4A16Linear)
-              and w4a16_cpu.supported(m.qweight, m.group_size)]
-    for m in layers:
-        m._cpu_packed()
-    return len(layers)
+def pack_w4a16_copies(model: nn.Module) -> int:
+    """Make every W4A16Linear's kernel copy now, at load time, not in the first decode step: on
+    CUDA the GEMV's planes (before any CUDA graph is captured, and counted in the memory the KV
+    cache is sized from), on a bf16 CPU model the int4 CPU kernel's format (~0.5 s for the
+    bundled model: a latency spike for the first request and a skewed first benchmark point).
+    Returns how many layers were packed."""
+    packed = 0
+    for m in model.modules():
+        if not isinstance(m, W4A16Linear):
+            continue
+        if m.qweight.is_cuda and HAS_TRITON:
+            m._repacked("gpu")
+        elif (m.qweight.device.type == "cpu" and m.scales.dtype == torch.bfloat16
+              and w4a16_cpu.supported(m.qweight, m.group_size)):
+            m._repacked("cpu")
+        else:
+            continue
+        packed += 1
+    return packed
 
 
 def use_w4a16(model: nn.Module, group_size: int) -> nn.Module:

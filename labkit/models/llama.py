@@ -159,9 +159,8 @@ class LlamaForCausalLM(nn.Module):
         model.logn.build(torch.device(device))
         load_weights(model, tensors)
         del tensors
-        if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
-            from labkit.layers.linear import pack_w4a16_for_cpu
-            pack_w4a16_for_cpu(model)             # int4 weights: the CPU decode kernel's copy
+        from labkit.layers.linear import pack_w4a16_copies
+        pack_w4a16_copies(model)                  # int4 weights: the decode kernels' copies
         if torch.device(device).type == "cuda":   # a rank's shard was copied out of full-size
             torch.cuda.empty_cache()              # tensors: give their memory back before the
         return model.eval()                       # KV cache is sized from what is free
