@@ -5,6 +5,7 @@
 
 WHAT: decode_bf16 | decode_int8 | decode_int4  (paged_decode, B=64, L=2048, 32/8 heads, d=128,
       block 64: issue 9's point) | w4a16_m1 | w4a16_m16  (K=4096, N=11008, group 128: issue 10's)
+      | gemv_m1  (kernels/w4a16_gemv.py at that shape, its tuned config)
 """
 from __future__ import annotations
 
@@ -47,11 +48,22 @@ def w4a16(M: int, K=4096, N=11008, G=128):
     return lambda: w4a16_linear_triton(x, qw, s, z, G)
 
 
+def gemv(M: int, K=4096, N=11008, G=128):
+    from kernels.w4a16 import pack_int4
+    from kernels.w4a16_gemv import pack_planes, w4a16_gemv_triton
+    qw = pack_int4(torch.randint(0, 16, (N, K), device=DEV, dtype=torch.uint8))
+    s = torch.rand(N, K // G, device=DEV, dtype=torch.bfloat16) * 0.01
+    z = torch.randint(0, 16, (N, K // G), device=DEV, dtype=torch.uint8)
+    w = pack_planes(qw, s, z, G)
+    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    return lambda: w4a16_gemv_triton(x, w)
+
+
 def main() -> int:
     what = sys.argv[1]
     fn = {"decode_bf16": lambda: decode(None), "decode_int8": lambda: decode(8),
           "decode_int4": lambda: decode(4), "w4a16_m1": lambda: w4a16(1),
-          "w4a16_m16": lambda: w4a16(16)}[what]()
+          "w4a16_m16": lambda: w4a16(16), "gemv_m1": lambda: gemv(1)}[what]()
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
