@@ -21,9 +21,11 @@ Conventions
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -258,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     debug = args.debug or os.environ.get("LABKIT_DEBUG", "") not in ("", "0")
     _setup_logging(args.log_level)
+    if hasattr(signal, "SIGUSR1"):   # `kill -USR1 PID`: every thread's stack to stderr, for a
+        faulthandler.register(signal.SIGUSR1, all_threads=True)   # run that seems to hang
     previous = interrupt.install()
     try:
         rc = args.handler(args)

@@ -266,3 +266,23 @@ def test_sigterm_swallowed_by_a_library_still_publishes_nothing(tmp_path, tiny_l
     monkeypatch.setattr(conv, "_save_tokenizer", real)
     conv.convert(tiny_llama_dir, dst, progress=False)               # and forgot the signal
     assert dst.is_dir()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX only")
+def test_sigusr1_prints_every_stack_and_keeps_running(tiny_llama_dir):
+    """`kill -USR1` on a labkit command that seems hung prints where each thread is (to stderr)
+    and does not stop it: the chat still answers afterwards and ends normally at EOF."""
+    from conftest import popen_labkit
+    proc = popen_labkit("chat", tiny_llama_dir, "--max-new-tokens", "4", "--session-len", "256",
+                        "--cache-max-entry-count", "64", stdin=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().startswith("labkit chat")        # engine built, reading stdin
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGUSR1)
+        out, err = proc.communicate("Hi\n", timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "most recent call first" in err and "File " in err, err[-2000:]
+    assert ">>>" in out and out.replace(">>>", "").strip(), out          # prompted, and answered
