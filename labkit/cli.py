@@ -260,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     debug = args.debug or os.environ.get("LABKIT_DEBUG", "") not in ("", "0")
     _setup_logging(args.log_level)
-    if hasattr(signal, "SIGUSR1"):   # `kill -USR1 PID`: every thread's stack to stderr, for a
-        faulthandler.register(signal.SIGUSR1, all_threads=True)   # run that seems to hang
+    _dump_stacks_on_sigusr1()
     previous = interrupt.install()
     try:
         rc = args.handler(args)
@@ -287,6 +286,17 @@ def main(argv: list[str] | None = None) -> int:
         print("labkit: terminated (after the command had finished its work)", file=sys.stderr)
         return EXIT_INTERRUPTED   # but whoever sent it should still see that it stopped us
     return int(rc or 0)
+
+
+def _dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID`: every thread's stack to stderr, for a run that seems to hang. Skipped
+    where stderr is no file (main() called in-process under a capturing test or notebook)."""
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    except (AttributeError, ValueError, OSError):      # io.UnsupportedOperation: no fileno()
+        pass
 
 
 def _setup_logging(level: str) -> None:
