@@ -171,11 +171,19 @@ def test_killed_worker_raises_within_30s(tiny_llama_dir):
     assert children() == []
 
 
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C's default, as a terminal gives its foreground job. A
+    test run started in the background (`make test &`) ignores SIGINT, the child inherits that,
+    and Python then never raises KeyboardInterrupt: the chat sat in readline until killed."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_chat(model, *flags, **kw) -> subprocess.Popen:
     return subprocess.Popen(labkit_cmd("chat", model, "--tp", "2", "--max-new-tokens", "8",
                                        "--session-len", "256", "--cache-max-entry-count", "64",
                                        *flags), cwd=REPO, env=_env(), text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_default_sigint, **kw)
 
 
 def _engine_ready(proc) -> int:
@@ -200,7 +208,7 @@ def test_chat_tp2_stopped_by_signal_leaves_no_process(tiny_llama_dir, how):
             proc.kill()                                                  # no cleanup at all
         try:
             rc = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:   # once in CI (ctrl-c, not reproduced): keep where it hung
+        except subprocess.TimeoutExpired:   # say where it waits (how the ctrl-c hang was found)
             os.kill(proc.pid, signal.SIGUSR1)                            # labkit: dump stacks
             time.sleep(2)
             proc.kill()
