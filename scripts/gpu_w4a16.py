@@ -146,19 +146,20 @@ def bench_shape(K, N, M, sweep: bool) -> dict:
                 best_config=best_cfg, default_config=default)
 
 
-def decode_tokens_per_s(model: str, steps: int = 128) -> float:
-    """Batch-1 greedy decode speed of the engine: time `steps` decode steps after the prefill
-    (token ids drawn inside the dummy model's vocabulary)."""
+def decode_tokens_per_s(model: str, batch: int = 1, steps: int = 128) -> float:
+    """Greedy decode speed of the engine at `batch` sequences: `steps` timed decode steps after
+    the prefill (token ids drawn inside the dummy model's vocabulary); best of 3 rounds."""
     from labkit import EngineConfig, GenerationConfig
     from labkit.engine.engine import LLMEngine
-    engine = LLMEngine(model, EngineConfig(max_batch_size=1, session_len=1024,
+    engine = LLMEngine(model, EngineConfig(max_batch_size=batch, session_len=1024,
                                            cache_max_entry_count=32))
     try:
         vocab = engine.model_config.vocab_size
         best = 0.0
         for _ in range(3):                      # the first round also captures CUDA graphs
             gc = GenerationConfig(max_new_tokens=steps + 8, ignore_eos=True)
-            engine.add_request(torch.randint(0, vocab, (64,)).tolist(), gc)
+            for _ in range(batch):
+                engine.add_request(torch.randint(0, vocab, (64,)).tolist(), gc)
             engine.step()                                            # prefill
             engine.step()
             torch.cuda.synchronize()
@@ -166,7 +167,7 @@ def decode_tokens_per_s(model: str, steps: int = 128) -> float:
             for _ in range(steps):
                 engine.step()
             torch.cuda.synchronize()
-            best = max(best, steps / (time.perf_counter() - t))
+            best = max(best, batch * steps / (time.perf_counter() - t))
             while engine.has_unfinished():
                 engine.step()
         return best

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels.w4a16_gemv as gemv  # noqa: E402
-from gpu_w4a16 import FLUSH_BYTES, graph_time, random_int4  # noqa: E402
+from gpu_w4a16 import FLUSH_BYTES, decode_tokens_per_s, graph_time, random_int4  # noqa: E402
 from kernels.w4a16 import w4a16_linear_triton  # noqa: E402
 
 G = 128
@@ -91,36 +90,6 @@ def bench_shape(K: int, N: int, M: int, sweep: bool) -> dict:
                 x_default=t_cublas / t_default, x_best=t_cublas / t_best, x_tc=t_cublas / t_tc,
                 tbs_best=int4_bytes / t_best / 1e12, tbs_cublas=N * K * 2 / t_cublas / 1e12,
                 best=best, default=default)
-
-
-def decode_tokens_per_s(model: str, batch: int, steps: int = 128) -> float:
-    """Greedy decode speed of the engine at `batch` sequences: `steps` timed decode steps after
-    the prefill; best of 3 rounds (the first also captures the CUDA graphs)."""
-    from labkit import EngineConfig, GenerationConfig
-    from labkit.engine.engine import LLMEngine
-    engine = LLMEngine(model, EngineConfig(max_batch_size=batch, session_len=1024,
-                                           cache_max_entry_count=32))
-    try:
-        vocab = engine.model_config.vocab_size
-        best = 0.0
-        for _ in range(3):
-            gc = GenerationConfig(max_new_tokens=steps + 8, ignore_eos=True)
-            for _ in range(batch):
-                engine.add_request(torch.randint(0, vocab, (64,)).tolist(), gc)
-            engine.step()
-            engine.step()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(steps):
-                engine.step()
-            torch.cuda.synchronize()
-            best = max(best, batch * steps / (time.perf_counter() - t))
-            while engine.has_unfinished():
-                engine.step()
-        return best
-    finally:
-        del engine
-        torch.cuda.empty_cache()
 
 
 def main() -> int:
