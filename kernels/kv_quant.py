@@ -289,6 +289,67 @@ def load_code_halves(data_ptr, rows, valid, D: tl.constexpr, BITS: tl.constexpr,
 
 
 @triton.jit
+def _byte_f16(w, i: tl.constexpr):
+    """Byte i of uint32 words as the float16 1024 + byte (0x6400 | byte, as MAGIC does)."""
+    return (((w >> (8 * i)) & 0xFF) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def words_f16(w, ASM: tl.constexpr):
+    """(BN, W) uint32 words holding four codes each (byte i = code 4j + i of the row) ->
+    (BN, 4W) float16 1024 + code, in the row's order.
+
+    ASM (on a GPU): one `prmt` puts two code bytes under two 0x64 exponent bytes, so four codes
+    cost two instructions. The bit operations below compute the same (the interpreter, which
+    runs no PTX, takes them). The four parts are put together with join + reshape, which also
+    keeps the conversion on whole words: applied to a (BN, 4W) byte tile, Triton moves such
+    elementwise ops after the shared-memory trip into the tensor-core layout and reads the
+    bytes one at a time there (64 LDS.U8 per thread and 64-token tile in the first kernel);
+    on words it reads them with ldmatrix and converts in the operand registers."""
+    BN: tl.constexpr = w.shape[0]
+    W: tl.constexpr = w.shape[1]
+    if ASM:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            "{.reg .b32 a, b;\n\t"
+            "prmt.b32 a, $4, 0x64646464, 0x4140;\n\t"                # bytes [c0, 64, c1, 64]
+            "prmt.b32 b, $4, 0x64646464, 0x4342;\n\t"                # bytes [c2, 64, c3, 64]
+            "mov.b32 {$0, $1}, a;\n\tmov.b32 {$2, $3}, b;}",
+            "=h,=h,=h,=h,r", [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=1)                                   # (BN, W) float16 x4
+    else:
+        c0, c1, c2, c3 = _byte_f16(w, 0), _byte_f16(w, 1), _byte_f16(w, 2), _byte_f16(w, 3)
+    # join(join(c0, c2), join(c1, c3))[j, a, b] = c_(2a + b): flattened, code 4j + 2a + b
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BN, 4 * W))
+
+
+@triton.jit
+def load_code_words(data_ptr, rows, valid, D: tl.constexpr, BITS: tl.constexpr):
+    """The codes of cache rows `rows` (BN,) read as 32-bit words (a row is D or D/2 bytes, a
+    multiple of 4 for D >= 8): two (BN, D/8) uint32 tiles for dims [0, D/2) and [D/2, D), four
+    codes a word; int4: the packed words and the same shifted right by 4, so their low nibbles
+    are the codes (code_words_f16 masks them)."""
+    Q: tl.constexpr = D // 8                                     # words per half row (int8)
+    words = data_ptr.to(tl.pointer_type(tl.uint32))
+    j = tl.arange(0, Q)
+    if BITS == 8:
+        src = words + rows[:, None] * (D // 4) + j[None, :]
+        lo = tl.load(src, mask=valid[:, None], other=0)         # (BN, D/8) dims [0, D/2)
+        hi = tl.load(src + Q, mask=valid[:, None], other=0)     # dims [D/2, D)
+    else:                                                       # a byte: dim j | dim j + D/2 << 4
+        lo = tl.load(words + rows[:, None] * Q + j[None, :], mask=valid[:, None], other=0)
+        hi = lo >> 4
+    return lo, hi
+
+
+@triton.jit
+def code_words_f16(w, BITS: tl.constexpr, ASM: tl.constexpr):
+    """A (BN, D/8) tile of load_code_words -> (BN, D/2) float16 1024 + code (MAGIC codes)."""
+    if BITS == 4:
+        w = w & 0x0F0F0F0F                                      # the four low nibbles
+    return words_f16(w, ASM)
+
+
+@triton.jit
 def _scale_and_zero(s_ptr, z_ptr, rows, valid, off, BITS: tl.constexpr):
     """Per-token scale s and zero zc in code units (BN,) float32: x_hat = (c + off - zc) s.
     Rows past the end get s = 1, zc = off (finite: the caller masks them out)."""

@@ -10,16 +10,25 @@ its cached tokens, reading codes + scales + zeros (kernels/kv_quant.py) instead 
 Why it is faster than bf16: a decode step reads the whole cache once and does little math per
 byte, so its time is the bytes read. int8 reads D + 3 bytes per (token, head) instead of 2D,
 int4 D/2 + 4. The kernel keeps it that way by never writing a dequantized tile: codes become
-float16 with one integer OR (see load_code_halves) and scale and zero are applied per token to
-the scores and the softmax weights (see attend_quant_tile).
+float16 by setting exponent bits (see load_code_halves) and scale and zero are applied per
+token to the scores and the softmax weights (see attend_quant_tile).
+
+Fewer bytes only pay if the loop issues few instructions per byte and keeps the memory busy
+(bf16 at 4.3 TB/s spends ~390 SASS instructions per warp on a 64-token tile of 32 KB; the
+first int8 kernel spent 960 on 16 KB and ran at half bf16's bandwidth). So with 16-bit queries
+the tile is transposed (_attend_quant_tile_t): tokens are the rows of both products, the codes
+their first operand and the GQA group their narrow second one, not padded to 16 rows; codes
+are read as 32-bit words and converted four at a time (kv_quant.words_f16), about 410
+instructions per 64 tokens; and the next tile's block-table entries, scales and zeros are
+loaded one tile ahead (prefetch): in the SASS a tile then waits for one DRAM latency, not three.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels._triton import require_triton, tl, triton
-from kernels.kv_quant import (QuantKVCache, _scale_and_zero, attend_quant_tile, gather_dequant,
-                              load_code_halves, load_query_halves)
+from kernels._triton import interpreted, require_triton, tl, triton
+from kernels.kv_quant import (QuantKVCache, _scale_and_zero, attend_quant_tile, code_words_f16,
+                              gather_dequant, load_code_halves, load_code_words, load_query_halves)
 from kernels.paged_decode import _reduce_splits_kernel, decode_num_splits
 from kernels.paged_kv import attend_ref
 
@@ -87,6 +96,66 @@ def _attend_quant_tile_fma(q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, va
 
 
 @triton.jit
+def _tile_meta(tables_row_ptr, n0, end, h, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+               BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HKV: tl.constexpr,
+               BITS: tl.constexpr):
+    """Tokens [n0, n0 + BN) (those < end): valid (BN,), cache rows (BN,), per-token K scale and
+    zero (BN,) x2 and V's. A tile past `end` is all masked: it reads nothing."""
+    t = n0 + tl.arange(0, BLOCK_N)                               # (BN,) token positions
+    valid = t < end
+    blk = tl.load(tables_row_ptr + t // BLOCK_SIZE, mask=valid, other=0)
+    rows = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * HKV + h  # (BN,) cache rows
+    k_s, k_zc = _scale_and_zero(ks_ptr, kz_ptr, rows, valid, 1024.0, BITS)   # 1024: MAGIC
+    v_s, v_zc = _scale_and_zero(vs_ptr, vz_ptr, rows, valid, 1024.0, BITS)
+    return valid, rows, k_s, k_zc, v_s, v_zc
+
+
+@triton.jit
+def _load_tile_t(meta, kd_ptr, vd_ptr, D: tl.constexpr, BITS: tl.constexpr):
+    """Everything _attend_quant_tile_t reads of the tile `meta` (_tile_meta) describes: valid,
+    K scale and zero, K code words (BN, D/8) x2, V's."""
+    valid, rows, k_s, k_zc, v_s, v_zc = meta
+    k_lo, k_hi = load_code_words(kd_ptr, rows, valid, D, BITS)
+    v_lo, v_hi = load_code_words(vd_ptr, rows, valid, D, BITS)
+    return valid, k_s, k_zc, k_lo, k_hi, v_s, v_zc, v_lo, v_hi
+
+
+@triton.jit
+def _attend_quant_tile_t(qt_lo, qt_hi, q_sum, m_i, l_i, acc_lo, acc_hi, tile, qk_scale,
+                         BITS: tl.constexpr, ASM: tl.constexpr):
+    """attend_quant_tile transposed, for the GP (= GQA group, a power of 2) query heads of
+    decode with float16 MAGIC codes: qt_lo/qt_hi (D/2, GP) float16, q_sum (GP,); acc_lo/acc_hi
+    (D/2, GP) float32, the output transposed; `tile` from _load_tile_t. Same algebra as
+    attend_quant_tile (scale and zero folded in per token).
+
+    Why transposed: the codes are the first operand of both products and the query group the
+    second, so (a) Triton reads the code words from shared memory with ldmatrix and converts
+    them in the operand registers (as uint8 in the other orientation it moves them one byte
+    at a time), (b) the group is the narrow N side, which tl.dot pads internally, instead of
+    16 padded rows that the softmax below would also pay for (4x the work at a group of 4)."""
+    valid, k_s, k_zc, k_lo, k_hi, v_s, v_zc, v_lo, v_hi = tile
+    # ---- scores: k_hat . q, tokens as rows
+    qc = tl.dot(code_words_f16(k_lo, BITS, ASM), qt_lo)
+    qc += tl.dot(code_words_f16(k_hi, BITS, ASM), qt_hi)                       # (BN, GP) c . q
+    qk = (qc - k_zc[:, None] * q_sum[None, :]) * (k_s * qk_scale)[:, None]      # log2 units
+    qk = tl.where(valid[:, None], qk, float("-inf"))
+    # ---- online softmax over the tokens (axis 0)
+    m_new = tl.maximum(m_i, tl.max(qk, 0))                                      # (GP,)
+    m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+    p = tl.math.exp2(qk - m_use[None, :])                                       # (BN, GP)
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 0)
+    # ---- values: codes^T (p s) - corr, transposed: acc (D/2, GP)
+    ps = (p * v_s[:, None]).to(tl.float16)                       # (BN, GP) weights x scales
+    corr = tl.sum(ps.to(tl.float32) * v_zc[:, None], 0)          # (GP,) from the rounded weights
+    pv_lo = tl.dot(tl.trans(code_words_f16(v_lo, BITS, ASM)), ps)              # (D/2, GP)
+    pv_hi = tl.dot(tl.trans(code_words_f16(v_hi, BITS, ASM)), ps)
+    acc_lo = acc_lo * alpha[None, :] + pv_lo - corr[None, :]
+    acc_hi = acc_hi * alpha[None, :] + pv_hi - corr[None, :]
+    return m_new, l_i, acc_lo, acc_hi
+
+
+@triton.jit
 def _decode_quant_kernel(
     q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, tables_ptr, lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -95,6 +164,7 @@ def _decode_quant_kernel(
     BLOCK_SIZE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
     GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BITS: tl.constexpr, MAGIC: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr,
+    TRANS: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     b = tl.program_id(0)
@@ -113,23 +183,50 @@ def _decode_quant_kernel(
                                           gm[:, None], D, MAGIC)  # (GP, HALF) x2, (GP,)
     if not DOT:
         q_lo, q_hi = q_lo.to(tl.float32), q_hi.to(tl.float32)
+    if TRANS:                                                    # see _attend_quant_tile_t
+        qt_lo, qt_hi = tl.trans(q_lo), tl.trans(q_hi)            # (HALF, GP) x2
+        acc_lo = tl.zeros([HALF, GROUP_P], tl.float32)           # running p @ V, transposed
+        acc_hi = tl.zeros([HALF, GROUP_P], tl.float32)
+    else:
+        acc_lo = tl.zeros([GROUP_P, HALF], tl.float32)           # running p @ V, two halves
+        acc_hi = tl.zeros([GROUP_P, HALF], tl.float32)
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)          # running max (log2 domain)
     l_i = tl.zeros([GROUP_P], tl.float32)                        # running sum of exp2
-    acc_lo = tl.zeros([GROUP_P, HALF], tl.float32)               # running p @ V, two halves
-    acc_hi = tl.zeros([GROUP_P, HALF], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        t = n0 + tl.arange(0, BLOCK_N)                           # (BN,) token positions
-        valid = t < end
-        blk = tl.load(tables_ptr + b * stride_tb + t // BLOCK_SIZE, mask=valid, other=0)
-        rows = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * HKV + h  # (BN,) cache rows
-        if DOT:
-            m_i, l_i, acc_lo, acc_hi = attend_quant_tile(
-                q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid, valid[None, :],
-                kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, qk_scale, D, BITS, MAGIC, IEEE, True)
-        else:
-            m_i, l_i, acc_lo, acc_hi = _attend_quant_tile_fma(
-                q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid,
-                kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, qk_scale, D, BITS)
+    if TRANS:
+        tables_row = tables_ptr + b * stride_tb
+        # PREFETCH: tile i + 1's block-table entries, scales and zeros are loaded during tile i
+        # (see the launcher); its codes are Triton's pipeliner's (tl.load -> cp.async)
+        if PREFETCH:
+            meta = _tile_meta(tables_row, start, end, h, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+                              BLOCK_N, BLOCK_SIZE, HKV, BITS)
+        for n0 in range(start, end, BLOCK_N):
+            if PREFETCH:
+                tile = _load_tile_t(meta, kd_ptr, vd_ptr, D, BITS)
+                meta = _tile_meta(tables_row, n0 + BLOCK_N, end, h, ks_ptr, kz_ptr, vs_ptr,
+                                  vz_ptr, BLOCK_N, BLOCK_SIZE, HKV, BITS)
+            else:
+                tile = _load_tile_t(_tile_meta(tables_row, n0, end, h, ks_ptr, kz_ptr, vs_ptr,
+                                               vz_ptr, BLOCK_N, BLOCK_SIZE, HKV, BITS),
+                                    kd_ptr, vd_ptr, D, BITS)
+            m_i, l_i, acc_lo, acc_hi = _attend_quant_tile_t(
+                qt_lo, qt_hi, q_sum, m_i, l_i, acc_lo, acc_hi, tile, qk_scale, BITS, ASM)
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            t = n0 + tl.arange(0, BLOCK_N)                           # (BN,) token positions
+            valid = t < end
+            blk = tl.load(tables_ptr + b * stride_tb + t // BLOCK_SIZE, mask=valid, other=0)
+            rows = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * HKV + h  # (BN,) cache rows
+            if DOT:
+                m_i, l_i, acc_lo, acc_hi = attend_quant_tile(
+                    q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid, valid[None, :],
+                    kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, qk_scale, D, BITS, MAGIC, IEEE,
+                    True)
+            else:
+                m_i, l_i, acc_lo, acc_hi = _attend_quant_tile_fma(
+                    q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid,
+                    kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, qk_scale, D, BITS)
+    if TRANS:
+        acc_lo, acc_hi = tl.trans(acc_lo), tl.trans(acc_hi)      # (GP, HALF) x2
     l_safe = tl.where(l_i > 0, l_i, 1.0)                         # empty range: zeros, not NaN
     o_lo = acc_lo / l_safe[:, None]                              # (GP, HALF)
     o_hi = acc_hi / l_safe[:, None]
@@ -152,11 +249,19 @@ def paged_decode_quant_triton(q, k_cache: QuantKVCache, v_cache: QuantKVCache, b
                               context_lens, scale, num_splits: int | None = None,
                               block_n: int | None = None, num_warps: int | None = None,
                               num_stages: int | None = None, magic: bool | None = None,
-                              out: torch.Tensor | None = None, dot: bool = True) -> torch.Tensor:
+                              out: torch.Tensor | None = None, dot: bool = True,
+                              transposed: bool | None = None, prefetch: bool = True,
+                              max_registers: int | None = None) -> torch.Tensor:
     """Same contract as `paged_decode_quant_ref`; one launch (two with split-KV), no host sync.
     `magic` (default: for 16-bit q) turns codes into float16 without conversion instructions;
-    `out` (B, Hq, D), when given, receives the result (tests poison it first); `dot=False`
-    (an experiment, scripts/gpu_kvquant.py times it) does the products on CUDA cores."""
+    `transposed` (default: with magic) takes _attend_quant_tile_t, tokens as rows (False: the
+    first kernel's tile, kept for float32 q and as the measured baseline); `prefetch` (with
+    transposed) loads tile i + 1's block-table entries, scales and zeros during tile i
+    (without it each tile waits out three dependent DRAM latencies: Triton's pipeliner keeps
+    one buffer here and issues the next copy after the math); `max_registers` caps registers
+    per thread (ptxas maxnreg; default 128 with transposed, see below); `out`
+    (B, Hq, D), when given, receives the result (tests poison it first); `dot=False` (an
+    experiment, scripts/gpu_kvquant.py times it) does the products on CUDA cores."""
     require_triton()
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.data.shape
@@ -168,11 +273,24 @@ def paged_decode_quant_triton(q, k_cache: QuantKVCache, v_cache: QuantKVCache, b
     group = Hq // Hkv
     splits = num_splits or decode_num_splits(B, Hkv, q.device)
     magic = (q.dtype != torch.float32 if magic is None else magic) and dot
-    # H200 sweep, B=64 L=2048 32/8 d=128 (scripts/gpu_decode_sweep.py, docs/PERF.md): 64-token
-    # tiles, 4 warps, 4 stages (int8) / 3 (int4) beat the H100's winner (128 x 8 warps) by 10%
-    block_n = block_n or 64
+    transposed = magic if transposed is None else transposed
+    assert magic or not transposed, "the transposed tile takes float16 (magic) codes"
+    # H200, B=64 L=2048 32/8 d=128 (scripts/gpu_decode_quant_tiles.py, docs/PERF.md): the
+    # transposed tile is fastest with 128-token tiles, 4 warps, 2 stages and at most 128
+    # registers (int8 89 us, int4 78 us): the 512 programs of that shape are all resident only
+    # at <= 128 registers x 128 threads (4 per SM); the same tile without prefetch or cap took
+    # 146 registers and 169 us. The first kernel's tile: 64 tokens, 4 warps, 4 (int8) / 3
+    # (int4) stages.
+    block_n = block_n or (128 if transposed else 64)
     num_warps = num_warps or 4
-    num_stages = num_stages or (4 if k_cache.bits == 8 else 3)
+    num_stages = num_stages or (2 if transposed else 4 if k_cache.bits == 8 else 3)
+    if max_registers is None and transposed and not interpreted():
+        max_registers = 128
+    # the GQA group as rows of a tile: 16 for the first kernel's tl.dot (its M side), unpadded
+    # when transposed (the N side, padded inside tl.dot) or on CUDA cores
+    group_p = triton.next_power_of_2(group)
+    if dot and not transposed:
+        group_p = max(16, group_p)
     if splits > 1:
         part_out = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
@@ -184,10 +302,13 @@ def paged_decode_quant_triton(q, k_cache: QuantKVCache, v_cache: QuantKVCache, b
         scale * 1.4426950408889634, q.stride(0), q.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         BLOCK_SIZE=block_size, HKV=Hkv, D=D, GROUP=group,
-        GROUP_P=max(16 if dot else 1, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        NUM_SPLITS=splits, BITS=k_cache.bits, MAGIC=magic, DOT=dot,
+        GROUP_P=group_p, BLOCK_N=block_n,
+        NUM_SPLITS=splits, BITS=k_cache.bits, MAGIC=magic, DOT=dot, TRANS=transposed,
+        ASM=not interpreted(),                  # the interpreter runs no inline PTX
+        PREFETCH=prefetch and transposed,
         IEEE=not magic and q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages,
+        **({} if max_registers is None or interpreted() else dict(maxnreg=max_registers)))
     if splits > 1:
         _reduce_splits_kernel[(B, Hq)](part_out, part_lse, out, out.stride(0), out.stride(1),
                                        HQ=Hq, D=D, NUM_SPLITS=splits,

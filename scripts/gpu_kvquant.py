@@ -1,17 +1,19 @@
 """KV-cache int8/int4 on one GPU: kernel correctness at real shapes, decode kernel speed against
 bf16, and end-to-end throughput when the cache limits the batch. Prints a table last.
 
-    python scripts/gpu_kvquant.py [--skip-e2e] [--json]
+    python scripts/gpu_kvquant.py [--skip-e2e] [--skip-sweep] [--json]
 
 1. correctness: quantizing store (online and static; int8 integer zero point, int4 float16
    zero = the row minimum) kernel vs reference, and paged decode/prefill (int8, int4; fp32 and
    bf16 queries) against "dequantize, then attend" in float64 (the unquantized paged
-   references), 32/8 heads, head_dim 128, block sizes 16/64, ragged lengths up to 4097, keys
-   shifted off zero as real K is; outputs NaN-poisoned.
-2. paged_decode at B=64, L=2048, 32/8 heads, d=128, block 64: bf16 (kernels/paged_decode.py)
-   vs int8/int4 (kernels/paged_decode_quant.py), each at its default and its best of a small
-   sweep (BLOCK_N x warps; tl.dot on float16 "magic" codes, or dot=False: CUDA-core float32
-   multiply-adds). Bytes read (codes + scales + zeros) -> GB/s.
+   references), 32/8, 24/8 and 64/8 heads, head_dim 128, block sizes 16/64, ragged lengths up
+   to 4097, keys shifted off zero as real K is; outputs NaN-poisoned. Decode: the default tile
+   (bf16 q: transposed), the first kernel's (transposed=False) and the CUDA-core experiment.
+2. paged_decode at B=64, L=2048, 32/8 heads, d=128, block 64, CUDA-graph timing: bf16
+   (kernels/paged_decode.py) vs int8/int4 (kernels/paged_decode_quant.py): the first kernel's
+   tile, the default (timed twice: the spread), without prefetch, and the best of a sweep of
+   the transposed tile (BLOCK_N x warps x stages; scripts/gpu_decode_quant_tiles.py times
+   more variants). Bytes read (codes + scales + zeros) -> GB/s.
    Acceptance (issue 9): int8 >= 1.7x, int4 >= 2.5x faster than bf16.
 3. end-to-end (dummy:llama-3-8b weights made on the GPU): the same cache BYTES for each policy,
    sized so bf16 holds ~24 sequences; 128 requests of 512 prompt + 256 output tokens.
@@ -119,16 +121,23 @@ def correctness() -> list[tuple]:
         for static in (False, True):   # store: kernel vs reference on the same inputs and slots
             rows.append(store_check(bits, static))
         for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-            for lens, bs, hq in (([1, 2048, 777, 4097], 64, 32), ([129] * 64, 16, 24)):
+            # GQA groups of 4, 3 and 8 (the transposed tile pads the group to a power of 2 only)
+            for lens, bs, hq in (([1, 2048, 777, 4097], 64, 32), ([129] * 64, 16, 24),
+                                 ([300, 1, 64], 64, 64)):
                 k, v, tables, _ = quant_cache(lens, bs, 8, 128, bits, dtype)
                 ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
                 q = torch.randn(len(lens), hq, 128, device=DEV, dtype=dtype)
                 want = paged_decode_ref(q.double(), dense(k), dense(v), tables, ctx, 128 ** -0.5)
-                for dot in (True, False):      # dot=False: the CUDA-core experiment
-                    got = paged_decode_quant_triton(q, k, v, tables, ctx, 128 ** -0.5, dot=dot,
-                                                    out=torch.full_like(q, float("nan")))
+                # the default tile (bf16: transposed), the first kernel's tile (transposed=False)
+                # and the CUDA-core experiment (dot=False)
+                variants = [("", {}), (" fma", dict(dot=False))]
+                if dtype != torch.float32:
+                    variants.insert(1, (" untransposed", dict(transposed=False)))
+                for tag, kw in variants:
+                    got = paged_decode_quant_triton(q, k, v, tables, ctx, 128 ** -0.5,
+                                                    out=torch.full_like(q, float("nan")), **kw)
                     e = err(got, want)
-                    rows.append((f"decode{'' if dot else ' fma'} int{bits} {str(dtype)[6:]} bs{bs} Hq{hq}",
+                    rows.append((f"decode{tag} int{bits} {str(dtype)[6:]} bs{bs} Hq{hq}",
                                  f"rel err {e:.1e}", e < tol and not got.isnan().any().item()))
             q_lens, prefix = [1000, 17, 1, 513], [0, 2048, 300, 64]
             ctx_l = [a + b for a, b in zip(q_lens, prefix)]
@@ -148,11 +157,12 @@ def correctness() -> list[tuple]:
 
 # ----------------------------------------------------------------------------- 2. kernel speed
 def bench(fn) -> float:
+    """Median seconds of fn replayed from a CUDA graph (no launch gaps in the numbers)."""
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=200) * 1e-3     # seconds
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e-3
 
 
-def decode_speed(B=64, L=2048, hq=32, hkv=8, d=128, bs=64) -> list[dict]:
+def decode_speed(B=64, L=2048, hq=32, hkv=8, d=128, bs=64, sweep=True) -> list[dict]:
     torch.manual_seed(0)
     lens = [L] * B
     nb, tables, slots = tables_for(lens, bs)
@@ -170,27 +180,38 @@ def decode_speed(B=64, L=2048, hq=32, hkv=8, d=128, bs=64) -> list[dict]:
     for bits in (8, 4):
         k, v, _, _ = quant_cache(lens, bs, hkv, d, bits)
         byts = 2 * B * L * hkv * QuantKVCache.bytes_per_row(d, bits)
-        t = bench(lambda: paged_decode_quant_triton(q, k, v, tables, ctx, scale))
-        out.append({"kv": f"int{bits}", "config": "default", "us": t * 1e6, "GBs": byts / t / 1e9,
-                    "speedup": base / t})
+
+        def row(config, **kw):
+            t = bench(lambda: paged_decode_quant_triton(q, k, v, tables, ctx, scale, **kw))
+            out.append({"kv": f"int{bits}", "config": config, "us": t * 1e6,
+                        "GBs": byts / t / 1e9, "speedup": base / t})
+            print(f"  {out[-1]}", flush=True)
+            return t
+
+        row("untransposed (first tile)", transposed=False)
+        row("default")
+        row("default again")                                   # the spread of one timing
+        row("no prefetch", prefetch=False)
+        if not sweep:
+            continue
         best = None
-        # tl.dot with magic codes (the conversion-instruction path, magic=False, is the slow one
-        # by design), and the CUDA-core experiment (dot=False: float32 multiply-adds, no padding
-        # of the 4-head GQA group to 16 rows)
-        configs = [(True, bn, w) for bn in (32, 64, 128) for w in (4, 8)]
-        configs += [(False, bn, w) for bn in (32, 64) for w in (4, 8)]
-        for dot, block_n, warps in configs:
-            name = f"{'dot' if dot else 'fma'} BN={block_n} w={warps}"
-            try:
-                t = bench(lambda: paged_decode_quant_triton(
-                    q, k, v, tables, ctx, scale, block_n=block_n, num_warps=warps, dot=dot))
-            except Exception as e:                              # e.g. out of shared memory
-                print(f"  int{bits} {name}: {type(e).__name__}")
-                continue
-            print(f"  int{bits} {name:<18}: {t * 1e6:7.1f} us")
-            if best is None or t < best[0]:
-                best = (t, name)
-        out.append({"kv": f"int{bits}", "config": best[1], "us": best[0] * 1e6,
+        for block_n in (32, 64, 128):                           # the transposed tile's configs
+            for warps in (2, 4, 8):
+                for stages in (2, 3):
+                    if block_n == 32 and warps == 8:
+                        continue
+                    name = f"BN={block_n} w={warps} st={stages}"
+                    try:
+                        t = bench(lambda: paged_decode_quant_triton(
+                            q, k, v, tables, ctx, scale, block_n=block_n, num_warps=warps,
+                            num_stages=stages))
+                    except Exception as e:                      # e.g. out of shared memory
+                        print(f"  int{bits} {name}: {type(e).__name__}")
+                        continue
+                    print(f"  int{bits} {name:<18}: {t * 1e6:7.1f} us", flush=True)
+                    if best is None or t < best[0]:
+                        best = (t, name)
+        out.append({"kv": f"int{bits}", "config": "best: " + best[1], "us": best[0] * 1e6,
                     "GBs": byts / best[0] / 1e9, "speedup": base / best[0]})
         del k, v
     return out
@@ -239,6 +260,7 @@ def end_to_end(model="dummy:llama-3-8b", seqs_bf16=24, n_req=128, prompt=512, ou
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-sweep", action="store_true", help="time the defaults only")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -247,7 +269,7 @@ def main() -> int:
     checks = correctness()
     print(f"correctness: {time.time() - t0:.0f} s")
     t1 = time.time()
-    speed = decode_speed()
+    speed = decode_speed(sweep=not a.skip_sweep)
     print(f"decode speed: {time.time() - t1:.0f} s")
     t1 = time.time()
     e2e = [] if a.skip_e2e else end_to_end()
@@ -258,9 +280,9 @@ def main() -> int:
     for name, what, ok in checks:
         print(f"  {'ok  ' if ok else 'FAIL'} {name:<34} {what}")
     print("\n== paged_decode B=64 L=2048 Hq/Hkv=32/8 d=128 block 64 (acceptance: int8 >= 1.7x, int4 >= 2.5x)")
-    print(f"  {'kv':<5} {'config':<22} {'us':>8} {'GB/s':>7} {'x bf16':>7}")
+    print(f"  {'kv':<5} {'config':<26} {'us':>8} {'GB/s':>7} {'x bf16':>7}")
     for r in speed:
-        print(f"  {r['kv']:<5} {r['config']:<22} {r['us']:8.1f} {r['GBs']:7.0f} {r['speedup']:7.2f}")
+        print(f"  {r['kv']:<5} {r['config']:<26} {r['us']:8.1f} {r['GBs']:7.0f} {r['speedup']:7.2f}")
     if e2e:
         print("\n== end to end, dummy:llama-3-8b, equal cache bytes (bf16 ~24 sequences), 128 x (512 + 256)")
         print(f"  {'kv':<5} {'blocks':>7} {'peak batch':>10} {'out tok/s':>10} {'x bf16':>7}")

@@ -188,15 +188,29 @@ def test_paged_decode_quant_rows_far_from_zero(bits, dtype):
 
 @needs_triton
 @pytest.mark.parametrize("splits", [1, 3])
-def test_paged_decode_quant_split_kv_and_padding_rows(splits):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # bf16: the transposed tile
+def test_paged_decode_quant_split_kv_and_padding_rows(splits, dtype):
     c = QuantPaged([50, 1, 9], 16, 2, 32, 8)
     ctx = torch.tensor([50, 0, 9], dtype=torch.int32, device=DEV)   # 0: a CUDA graph's padding row
-    q = torch.randn(3, 4, 32, device=DEV)
+    q = torch.randn(3, 4, 32, device=DEV).to(dtype)
     got = paged_decode_quant_triton(q, c.k, c.v, c.tables, ctx, 0.2, num_splits=splits,
                                     block_n=16, out=poison(torch.empty_like(q)))
     want = paged_decode_ref(q.double(), c.dense(c.k), c.dense(c.v), c.tables, ctx, 0.2)
-    torch.testing.assert_close(got.double(), want, **TOL[torch.float32])
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
     assert (got[1] == 0).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("bits,hq,hkv", [(8, 2, 2), (4, 6, 2), (8, 8, 1), (4, 16, 2)])
+def test_paged_decode_quant_transposed_tile(bits, hq, hkv):
+    # 16-bit q: tokens as rows, codes read as 32-bit words, the GQA group unpadded (1, 3 -> 4,
+    # 8); with split-KV; without prefetch; the default tile (128 tokens: 8 blocks of 16); and
+    # the first kernel's tile (transposed=False)
+    lens = [1, 37, 150]
+    c = QuantPaged(lens, 16, hkv, 32, bits)
+    for kw in (dict(block_n=16), dict(block_n=16, num_splits=3), dict(block_n=16, prefetch=False),
+               dict(), dict(block_n=16, transposed=False)):
+        _check_decode(lens, 16, hq, hkv, 32, bits, dtype=torch.bfloat16, cache=c, **kw)
 
 
 # ------------------------------------------------------------------ prefill
