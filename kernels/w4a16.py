@@ -39,11 +39,15 @@ zero are applied once per (row, column) of the result:
     sum_k x_k (q_k - z) s = s * (x . (OFF + q) - (OFF + z) * sum_k x_k)
 One kernel, two launch shapes:
 
-    small M (M <= 16; the engine sends 1-4 rows to the CUDA-core GEMV of w4a16_gemv.py instead:
-        1.4-1.7x faster at one row on an H200, even at four): x padded to BLOCK_M = 16 rows for the tensor cores, and split-K
+    small M (M <= 16): x padded to BLOCK_M = 16 rows for the tensor cores, and split-K
         (SPLIT_K programs share the K range of one column block; fp32 partial sums are added
         by a second small kernel) so enough programs stream the weights at once;
-    large M (prefill): BLOCK_M x BLOCK_N tiles, no split, like a plain GEMM.
+    large M: BLOCK_M x BLOCK_N tiles, no split, like a plain GEMM.
+
+Which path runs (`w4a16_linear`, on CUDA): the engine sends decode batches of 1-4 rows to the
+CUDA-core GEMV of kernels/w4a16_gemv.py; this kernel takes what else has fewer than
+GEMM_MIN_ROWS rows; kernels/w4a16_gemm.py the rest (the weight as the MMA's left operand, or
+dequantize + cuBLAS from DEQUANT_MIN_ROWS rows), each faster there on an H200 (docs/PERF.md).
 
     w4a16_linear_ref(x, qweight, scales, zeros, group_size)     dequantize, then F.linear
     w4a16_linear_triton(...)                                    the kernel (same contract)
@@ -102,6 +106,28 @@ def w4a16_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 # ---------------------------------------------------------------------------- Triton
 @triton.jit
+def load_int4_tile(qw_ptr, s_ptr, z_ptr, n64, n_ok, j, col, k0, k_end, stride_qn, stride_sn,
+                   GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The K tile at k0 of weight rows n64 (BN,) (n_ok: rows < N; j, col (BK/2,): a tile's
+    bytes and their low nibbles' columns) -> packed codes (BN, BK/2) uint8; scales and zeros
+    as stored, (BN, 1) when the tile lies inside one group, else (BN, BK/2), each byte's own
+    (a unit's two nibbles share a group: G >= 32); k_ok (BK/2,): bytes before k_end."""
+    k_ok = (k0 + col) < k_end                                      # (HALF,) whole units
+    w_ok = n_ok[:, None] & k_ok[None, :]
+    packed = tl.load(qw_ptr + n64[:, None] * stride_qn + (k0 // 2 + j)[None, :],
+                     mask=w_ok, other=0)                           # (BN, HALF) uint8
+    if BLOCK_K <= GROUP:                                           # the tile is in one group
+        g = n64 * stride_sn + k0 // GROUP                          # (BN,)
+        s = tl.load(s_ptr + g, mask=n_ok, other=0.0)[:, None]
+        z = tl.load(z_ptr + g, mask=n_ok, other=0)[:, None]
+    else:                                                          # each byte's own group
+        g = n64[:, None] * stride_sn + ((k0 + col) // GROUP)[None, :]   # (BN, HALF)
+        s = tl.load(s_ptr + g, mask=w_ok, other=0.0)
+        z = tl.load(z_ptr + g, mask=w_ok, other=0)
+    return packed, s, z, k_ok
+
+
+@triton.jit
 def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                   stride_xm, stride_qn, stride_sn, stride_ym, stride_ysplit,
                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -119,18 +145,9 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
     k_begin = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        k_ok = (k0 + col) < k_end                                  # (HALF,) whole units
-        w_ok = n_ok[:, None] & k_ok[None, :]
-        packed = tl.load(qw_ptr + n64[:, None] * stride_qn + (k0 // 2 + j)[None, :],
-                         mask=w_ok, other=0)                       # (BN, HALF) uint8
-        if BLOCK_K <= GROUP:                                       # the tile is in one group
-            g_ptr = n64 * stride_sn + k0 // GROUP                  # (BN,)
-            s = tl.load(s_ptr + g_ptr, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            z = tl.load(z_ptr + g_ptr, mask=n_ok, other=0).to(tl.float32)[:, None]
-        else:                                                      # each byte's own group
-            g_ptr = n64[:, None] * stride_sn + ((k0 + col) // GROUP)[None, :]
-            s = tl.load(s_ptr + g_ptr, mask=w_ok, other=0.0).to(tl.float32)   # (BN, HALF)
-            z = tl.load(z_ptr + g_ptr, mask=w_ok, other=0).to(tl.float32)
+        packed, s, z, k_ok = load_int4_tile(qw_ptr, s_ptr, z_ptr, n64, n_ok, j, col, k0, k_end,
+                                            stride_qn, stride_sn, GROUP, BLOCK_K)
+        s, z = s.to(tl.float32), z.to(tl.float32)
         lo = packed & 15
         hi = packed >> 4
         if FACTORED:  # 16-bit x, tile inside one group: codes straight into the dot (below)
@@ -258,26 +275,52 @@ def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y.view(*lead, N)
-    k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk      # a whole number of tiles
-    split = triton.cdiv(K, k_per_split)
-    direct = split == 1 and bias is None
-    dst = y if direct else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    k_per_split, split, dst = split_k_plan(y, K, bk, split, bias)
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
     _w4a16_kernel[grid](x2, qweight, scales, zeros, dst, M, N, K, k_per_split,
                         x2.stride(0), qweight.stride(0), scales.stride(0),
-                        dst.stride(-2), dst.stride(0) if not direct else 0,
+                        dst.stride(-2), dst.stride(0) if dst is not y else 0,
                         GROUP=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                         IEEE=x.dtype == torch.float32, FACTORED=factored, OFF=off, **cfg)
-    if not direct:
-        block = 1024 if not interpreted() else 256
-        _sum_splits_kernel[(triton.cdiv(M * N, block),)](
-            dst, bias if bias is not None else dst, y, M * N, N, SPLIT_K=split,
-            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+    sum_splits(dst, y, bias)
     return y.view(*lead, N)
 
 
+def split_k_plan(y: torch.Tensor, K: int, bk: int, split: int, bias) -> tuple:
+    """-> (k_per_split, split, dst): K cut into `split` ranges of whole BLOCK_K tiles (fewer
+    if they do not all fill), and where the kernel writes: y itself when there is one range
+    and no bias, else fp32 partials (split, M, N) for sum_splits."""
+    k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk      # a whole number of tiles
+    split = triton.cdiv(K, k_per_split)
+    if split == 1 and bias is None:
+        return k_per_split, split, y
+    return k_per_split, split, torch.empty((split, *y.shape), dtype=torch.float32, device=y.device)
+
+
+def sum_splits(dst: torch.Tensor, y: torch.Tensor, bias) -> None:
+    """y = sum of split_k_plan's partials (+ bias), rounded once; nothing if dst is y."""
+    if dst is y:
+        return
+    M, N = y.shape
+    block = 1024 if not interpreted() else 256
+    _sum_splits_kernel[(triton.cdiv(M * N, block),)](
+        dst, bias if bias is not None else dst, y, M * N, N, SPLIT_K=dst.shape[0],
+        HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+
+
+GEMM_MIN_ROWS = 5         # from here kernels/w4a16_gemm.py's GEMM (weight as the left operand)
+DEQUANT_MIN_ROWS = 128    # from here dequantize once + cuBLAS (H200 measurements, docs/PERF.md)
+
+
 def w4a16_linear(x, qweight, scales, zeros, group_size, bias=None):
-    """The kernel on CUDA tensors (when Triton is installed), the reference elsewhere."""
+    """On CUDA tensors (when Triton is installed) the fastest path for the row count: this
+    file's split-K kernel, then w4a16_gemm's GEMM, then dequantize + cuBLAS; the reference
+    elsewhere. (The engine sends decode batches of 1-4 rows to kernels/w4a16_gemv.py first.)"""
     if x.is_cuda and HAS_TRITON:
+        rows = x.numel() // x.shape[-1]
+        if rows >= GEMM_MIN_ROWS:
+            from kernels.w4a16_gemm import w4a16_dequant_linear, w4a16_gemm_triton
+            fn = w4a16_dequant_linear if rows >= DEQUANT_MIN_ROWS else w4a16_gemm_triton
+            return fn(x, qweight, scales, zeros, group_size, bias)
         return w4a16_linear_triton(x, qweight, scales, zeros, group_size, bias)
     return w4a16_linear_ref(x, qweight, scales, zeros, group_size, bias)
