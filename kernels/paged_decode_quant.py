@@ -10,7 +10,7 @@ its cached tokens, reading codes + scales + zeros (kernels/kv_quant.py) instead 
 Why it is faster than bf16: a decode step reads the whole cache once and does little math per
 byte, so its time is the bytes read. int8 reads D + 3 bytes per (token, head) instead of 2D,
 int4 D/2 + 4. The kernel keeps it that way by never writing a dequantized tile: codes become
-float16 by setting exponent bits (see load_code_halves) and scale and zero are applied per
+float16 by setting exponent bits (kernels/kv_quant_tiles.py) and scale and zero are applied per
 token to the scores and the softmax weights (see attend_quant_tile).
 
 Fewer bytes only pay if the loop issues few instructions per byte and keeps the memory busy
@@ -18,7 +18,7 @@ Fewer bytes only pay if the loop issues few instructions per byte and keeps the 
 first int8 kernel spent 960 on 16 KB and ran at half bf16's bandwidth). So with 16-bit queries
 the tile is transposed (_attend_quant_tile_t): tokens are the rows of both products, the codes
 their first operand and the GQA group their narrow second one, not padded to 16 rows; codes
-are read as 32-bit words and converted four at a time (kv_quant.words_f16), about 410
+are read as 32-bit words and converted four at a time (kv_quant_tiles.words_f16), about 410
 instructions per 64 tokens; and the next tile's block-table entries, scales and zeros are
 loaded one tile ahead (prefetch): in the SASS a tile then waits for one DRAM latency, not three.
 """
@@ -27,8 +27,9 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import interpreted, require_triton, tl, triton
-from kernels.kv_quant import (QuantKVCache, _scale_and_zero, attend_quant_tile, code_words_f16,
-                              gather_dequant, load_code_halves, load_code_words, load_query_halves)
+from kernels.kv_quant import QuantKVCache, gather_dequant
+from kernels.kv_quant_tiles import (_scale_and_zero, attend_quant_tile, code_words_f16,
+                                   load_code_halves, load_code_words, load_query_halves)
 from kernels.paged_decode import _reduce_splits_kernel, decode_num_splits
 from kernels.paged_kv import attend_ref
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import require_triton, tl, triton
-from kernels.kv_quant import QuantKVCache, attend_quant_tile, gather_dequant, load_query_halves
+from kernels.kv_quant import QuantKVCache, gather_dequant
+from kernels.kv_quant_tiles import attend_quant_tile, load_query_halves
 from kernels.paged_kv import attend_ref
 
 __all__ = ["paged_prefill_quant_ref", "paged_prefill_quant_triton"]
