@@ -2,7 +2,7 @@
 Triton helpers shared by the quantized attention kernels (paged_decode_quant, paged_prefill_quant).
 
     load_code_halves / load_code_words, code_words_f16, words_f16   codes -> float16 1024 + code
-    _scale_and_zero        per-token scale and zero in code units
+    scale_and_zero         per-token scale and zero in code units
     attend_quant_tile      one online-softmax tile over quantized K/V (scale and zero folded in)
     load_query_halves      the query rows in the dot dtype, and their sum
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from kernels._triton import tl, triton
 
 __all__ = ["load_code_halves", "load_code_words", "code_words_f16", "words_f16",
-           "attend_quant_tile", "load_query_halves"]
+           "scale_and_zero", "attend_quant_tile", "load_query_halves"]
 
 
 @triton.jit
@@ -103,7 +103,7 @@ def code_words_f16(w, BITS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _scale_and_zero(s_ptr, z_ptr, rows, valid, off, BITS: tl.constexpr):
+def scale_and_zero(s_ptr, z_ptr, rows, valid, off, BITS: tl.constexpr):
     """Per-token scale s and zero zc in code units (BN,) float32: x_hat = (c + off - zc) s.
     Rows past the end get s = 1, zc = off (finite: the caller masks them out)."""
     s = tl.load(s_ptr + rows, mask=valid, other=1.0).to(tl.float32)
@@ -130,7 +130,7 @@ def attend_quant_tile(q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid, 
     so a tile costs the code -> float step plus a few per-token multiplies."""
     off = 1024.0 if MAGIC else 0.0                               # see load_code_halves
     # ---- scores: q . k_hat
-    k_s, k_zc = _scale_and_zero(ks_ptr, kz_ptr, rows, valid, off, BITS)         # (BN,) x2
+    k_s, k_zc = scale_and_zero(ks_ptr, kz_ptr, rows, valid, off, BITS)         # (BN,) x2
     k_lo, k_hi = load_code_halves(kd_ptr, rows, valid, D, BITS, MAGIC)         # (BN, D/2) x2
     if not MAGIC:          # via float32: Triton's interpreter gets uint8 -> bfloat16 wrong
         k_lo, k_hi = k_lo.to(tl.float32).to(q_lo.dtype), k_hi.to(tl.float32).to(q_lo.dtype)
@@ -149,7 +149,7 @@ def attend_quant_tile(q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, valid, 
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     # ---- values: p @ v_hat
-    v_s, v_zc = _scale_and_zero(vs_ptr, vz_ptr, rows, valid, off, BITS)
+    v_s, v_zc = scale_and_zero(vs_ptr, vz_ptr, rows, valid, off, BITS)
     v_lo, v_hi = load_code_halves(vd_ptr, rows, valid, D, BITS, MAGIC)
     if not MAGIC:
         v_lo, v_hi = v_lo.to(tl.float32).to(q_lo.dtype), v_hi.to(tl.float32).to(q_lo.dtype)

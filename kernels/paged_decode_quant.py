@@ -28,7 +28,7 @@ import torch
 
 from kernels._triton import interpreted, require_triton, tl, triton
 from kernels.kv_quant import QuantKVCache, gather_dequant
-from kernels.kv_quant_tiles import (_scale_and_zero, attend_quant_tile, code_words_f16,
+from kernels.kv_quant_tiles import (attend_quant_tile, code_words_f16, scale_and_zero,
                                    load_code_halves, load_code_words, load_query_halves)
 from kernels.paged_decode import _reduce_splits_kernel, decode_num_splits
 from kernels.paged_kv import attend_ref
@@ -74,7 +74,7 @@ def _attend_quant_tile_fma(q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, va
     """attend_quant_tile on CUDA cores (DOT=False, an experiment): the few query rows of a GQA
     group (M = next power of 2 of the group, no padding to 16 for tl.dot) against BN tokens as
     broadcast multiply-adds in float32; same algebra (scale and zero folded in per token)."""
-    k_s, k_zc = _scale_and_zero(ks_ptr, kz_ptr, rows, valid, 0.0, BITS)        # (BN,) x2
+    k_s, k_zc = scale_and_zero(ks_ptr, kz_ptr, rows, valid, 0.0, BITS)        # (BN,) x2
     k_lo, k_hi = load_code_halves(kd_ptr, rows, valid, D, BITS, False)         # (BN, D/2) uint8
     qc = tl.sum(q_lo[:, None, :] * _codes_f32(k_lo)[None, :, :], 2)
     qc += tl.sum(q_hi[:, None, :] * _codes_f32(k_hi)[None, :, :], 2)           # (M, BN) q . c
@@ -85,7 +85,7 @@ def _attend_quant_tile_fma(q_lo, q_hi, q_sum, m_i, l_i, acc_lo, acc_hi, rows, va
     p = tl.math.exp2(qk - m_use[:, None])                                      # (M, BN)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v_s, v_zc = _scale_and_zero(vs_ptr, vz_ptr, rows, valid, 0.0, BITS)
+    v_s, v_zc = scale_and_zero(vs_ptr, vz_ptr, rows, valid, 0.0, BITS)
     v_lo, v_hi = load_code_halves(vd_ptr, rows, valid, D, BITS, False)
     ps = p * v_s[None, :]                                                      # (M, BN)
     corr = tl.sum(ps * v_zc[None, :], 1)                                       # (M,)
@@ -106,8 +106,8 @@ def _tile_meta(tables_row_ptr, n0, end, h, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
     valid = t < end
     blk = tl.load(tables_row_ptr + t // BLOCK_SIZE, mask=valid, other=0)
     rows = (blk.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * HKV + h  # (BN,) cache rows
-    k_s, k_zc = _scale_and_zero(ks_ptr, kz_ptr, rows, valid, 1024.0, BITS)   # 1024: MAGIC
-    v_s, v_zc = _scale_and_zero(vs_ptr, vz_ptr, rows, valid, 1024.0, BITS)
+    k_s, k_zc = scale_and_zero(ks_ptr, kz_ptr, rows, valid, 1024.0, BITS)   # 1024: MAGIC
+    v_s, v_zc = scale_and_zero(vs_ptr, vz_ptr, rows, valid, 1024.0, BITS)
     return valid, rows, k_s, k_zc, v_s, v_zc
 
 

@@ -252,25 +252,38 @@ def check_int4_shapes(K: int, qweight: torch.Tensor, scales: torch.Tensor, zeros
     return N
 
 
+MAGIC_OFF = {torch.bfloat16: 128, torch.float16: 1024}   # OFF | q read as that 16-bit float = OFF + q
+
+
+def launch_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int, cfg: dict):
+    """What every W4A16 launcher starts with: x as (M, K) rows with unit stride, N checked
+    against the weight tensors, and the tile (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, popped from
+    cfg) checked against the group. -> (lead dims, x2, M, N, K, bm, bn, bk, split)."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)                                          # (M, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    N = check_int4_shapes(K, qweight, scales, zeros, group_size)
+    bm, bn, bk, split = (cfg.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
+    if bk % UNIT or not (bk % group_size == 0 or group_size % bk == 0):
+        raise ValueError(f"BLOCK_K={bk} must be a multiple of {UNIT} and divide or be a "
+                         f"multiple of group_size={group_size}")
+    return lead, x2, x2.shape[0], N, K, bm, bn, bk, split
+
+
 def w4a16_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                         zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
                         out: torch.Tensor | None = None, **config) -> torch.Tensor:
     """Same contract as `w4a16_linear_ref`. `out` (M, N) may be given (tests poison it);
     keyword `config` overrides tile sizes (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, ...)."""
     require_triton()
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)                                          # (M, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    N = check_int4_shapes(K, qweight, scales, zeros, group_size)
-    cfg = {"MAGIC": True, "DOT": True, **_config(M, N, K, group_size), **config}
-    bm, bn, bk, split = (cfg.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
-    if bk % UNIT or not (bk % group_size == 0 or group_size % bk == 0):
-        raise ValueError(f"BLOCK_K={bk} must be a multiple of {UNIT} and divide or be a "
-                         f"multiple of group_size={group_size}")
+    rows = x.numel() // x.shape[-1]
+    cfg = {"MAGIC": True, "DOT": True,
+           **_config(rows, qweight.shape[0], x.shape[-1], group_size), **config}
+    lead, x2, M, N, K, bm, bn, bk, split = launch_args(x, qweight, scales, zeros, group_size, cfg)
     # the factored path: 16-bit x on tensor cores, every K tile inside one group
-    off = {torch.bfloat16: 128, torch.float16: 1024}.get(x.dtype, 0)
+    off = MAGIC_OFF.get(x.dtype, 0)
     factored = cfg.pop("FACTORED", True) and cfg["DOT"] and off > 0 and bk <= group_size
     y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:

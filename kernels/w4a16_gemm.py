@@ -8,7 +8,8 @@ ran at 0.2x of cuBLAS bf16 (docs/PERF.md). Here the product is computed transpos
 
     y^T (N, M) = W (N, K) x^T (K, M)
 
-so the weight tile is the *left* operand, which wgmma reads straight from registers: codes are
+so the weight tile is the *left* operand, which wgmma reads straight from registers (the
+weight as the right operand, staged in shared memory, lost at every M in the H200 sweep): codes are
 loaded, dequantized in registers and multiplied without a round trip through shared memory,
 and x^T (the activations, 16-bit, loaded as they are) is the operand that the pipeliner
 streams into shared memory. Scale and zero are applied to every weight element,
@@ -39,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels._triton import interpreted, num_sms, require_triton, tl, triton
-from kernels.w4a16 import UNIT, check_int4_shapes, load_int4_tile, split_k_plan, sum_splits
+from kernels.w4a16 import (MAGIC_OFF, check_int4_shapes, launch_args, load_int4_tile,
+                           split_k_plan, sum_splits)
 
 __all__ = ["w4a16_gemm_triton", "gemm_config", "dequantize_int4_triton", "w4a16_dequant_linear"]
 
@@ -66,8 +68,7 @@ def _dequantize(codes, z, s, dtype: tl.constexpr, OFF: tl.constexpr):
 def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                        stride_xm, stride_qn, stride_sn, stride_ym, stride_ysplit,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_K: tl.constexpr, IEEE: tl.constexpr, OFF: tl.constexpr,
-                       W_LEFT: tl.constexpr):
+                       BLOCK_K: tl.constexpr, IEEE: tl.constexpr, OFF: tl.constexpr):
     HALF: tl.constexpr = BLOCK_K // 2                          # bytes of a tile per weight row
     # the M tiles of one N tile run next to each other: its weight tile is read from HBM
     # once and from L2 after that; x (M x K, small) stays in L2 for the whole launch
@@ -80,10 +81,7 @@ def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
     n64 = n.to(tl.int64)
     j = tl.arange(0, HALF)                                     # (HALF,) bytes of a tile
     col = 32 * (j // 16) + j % 16                              # (HALF,) low nibble's column
-    if W_LEFT:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)         # y^T tile
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)         # y tile
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)             # y^T tile
     k_begin = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -92,30 +90,18 @@ def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
         # a unit's two nibbles share a group (G >= 32), so one scale and zero serve both planes
         w_lo = _dequantize(packed & 15, z, s, x_ptr.dtype.element_ty, OFF)   # (BN, HALF)
         w_hi = _dequantize(packed >> 4, z, s, x_ptr.dtype.element_ty, OFF)
-        if W_LEFT:
-            xt = x_ptr + m[None, :] * stride_xm + (k0 + col)[:, None]     # (HALF, BM) x^T
-            x_ok = k_ok[:, None] & m_ok[None, :]
-            x_lo = tl.load(xt, mask=x_ok, other=0.0)           # columns of the low nibbles
-            x_hi = tl.load(xt + 16, mask=x_ok, other=0.0)      # and of the high ones
-            a_lo, b_lo, a_hi, b_hi = w_lo, x_lo, w_hi, x_hi
-        else:
-            xp = x_ptr + m[:, None] * stride_xm + (k0 + col)[None, :]     # (BM, HALF) x
-            x_ok = m_ok[:, None] & k_ok[None, :]
-            a_lo = tl.load(xp, mask=x_ok, other=0.0)
-            a_hi = tl.load(xp + 16, mask=x_ok, other=0.0)
-            b_lo, b_hi = tl.trans(w_lo), tl.trans(w_hi)
+        xt = x_ptr + m[None, :] * stride_xm + (k0 + col)[:, None]         # (HALF, BM) x^T
+        x_ok = k_ok[:, None] & m_ok[None, :]
+        xt_lo = tl.load(xt, mask=x_ok, other=0.0)              # columns of the low nibbles
+        xt_hi = tl.load(xt + 16, mask=x_ok, other=0.0)         # and of the high ones
         if IEEE:                                               # fp32 x: no TF32 rounding
-            acc += tl.dot(a_lo, b_lo, input_precision="ieee")
-            acc += tl.dot(a_hi, b_hi, input_precision="ieee")
+            acc += tl.dot(w_lo, xt_lo, input_precision="ieee")
+            acc += tl.dot(w_hi, xt_hi, input_precision="ieee")
         else:
-            acc = tl.dot(a_lo, b_lo, acc)
-            acc = tl.dot(a_hi, b_hi, acc)
-    if W_LEFT:
-        y = y_ptr + pid_s.to(tl.int64) * stride_ysplit + m[None, :] * stride_ym + n[:, None]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
-    else:
-        y = y_ptr + pid_s.to(tl.int64) * stride_ysplit + m[:, None] * stride_ym + n[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            acc = tl.dot(w_lo, xt_lo, acc)                     # (BN, BM) fp32
+            acc = tl.dot(w_hi, xt_hi, acc)
+    y = y_ptr + pid_s.to(tl.int64) * stride_ysplit + m[None, :] * stride_ym + n[:, None]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
 def gemm_config(M: int, N: int, K: int, group: int) -> dict:
@@ -147,19 +133,10 @@ def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     """x (..., K) -> (..., N), the contract of `w4a16_linear_ref`. `out` (M, N) may be given
     (tests poison it); keyword `config` overrides BLOCK_N, BLOCK_M, BLOCK_K, SPLIT_K, warps."""
     require_triton()
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)                                      # (M, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    N = check_int4_shapes(K, qweight, scales, zeros, group_size)
-    cfg = {**gemm_config(M, N, K, group_size), **config}
-    bn, bm, bk, split = (cfg.pop(k) for k in ("BLOCK_N", "BLOCK_M", "BLOCK_K", "SPLIT_K"))
-    if bk % UNIT or not (bk % group_size == 0 or group_size % bk == 0):
-        raise ValueError(f"BLOCK_K={bk} must be a multiple of {UNIT} and divide or be a "
-                         f"multiple of group_size={group_size}")
-    off = {torch.bfloat16: 128, torch.float16: 1024}.get(x.dtype, 0)    # see _dequantize
-    w_left = cfg.pop("W_LEFT", True)
+    cfg = {**gemm_config(x.numel() // x.shape[-1], qweight.shape[0], x.shape[-1], group_size),
+           **config}
+    lead, x2, M, N, K, bm, bn, bk, split = launch_args(x, qweight, scales, zeros, group_size, cfg)
+    off = MAGIC_OFF.get(x.dtype, 0)                            # see _dequantize
     y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y.view(*lead, N)
@@ -170,7 +147,7 @@ def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
                              x2.stride(0), qweight.stride(0), scales.stride(0),
                              dst.stride(-2), dst.stride(0) if dst is not y else 0,
                              GROUP=group_size, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk,
-                             IEEE=x.dtype == torch.float32, OFF=off, W_LEFT=w_left, **cfg)
+                             IEEE=x.dtype == torch.float32, OFF=off, **cfg)
     sum_splits(dst, y, bias)
     return y.view(*lead, N)
 
@@ -204,7 +181,7 @@ def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     N, K = qweight.shape[0], 2 * qweight.shape[1]
     w = torch.empty((N, K), dtype=dtype, device=qweight.device)
     bn = 16 if interpreted() else 8192 // group_size            # 8192 weights per program
-    off = {torch.bfloat16: 128, torch.float16: 1024}.get(dtype, 0)
+    off = MAGIC_OFF.get(dtype, 0)
     _dequantize_kernel[(triton.cdiv(N, bn), K // group_size)](
         qweight, scales, zeros, w, N, K, qweight.stride(0), scales.stride(0), w.stride(0),
         GROUP=group_size, BLOCK_N=bn, OFF=off, num_warps=4)

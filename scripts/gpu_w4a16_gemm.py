@@ -30,16 +30,15 @@ from kernels.w4a16_gemm import gemm_config, w4a16_dequant_linear, w4a16_gemm_tri
 
 
 def sweep_configs(M: int) -> list[dict]:
-    """Tiles per M: BLOCK_M the M side (one or two M tiles), the weight as the MMA's left
-    operand (W_LEFT, registers) or right (shared memory), split-K left to the launcher (None)
-    or off (1) where the output has few tiles."""
+    """Tiles per M: BLOCK_M the M side (one or two M tiles), split-K left to the launcher
+    (None) or off (1) where the output has few tiles."""
     bms = sorted({max(16, min(256, triton_next_pow2(M))), max(16, min(128, triton_next_pow2(M) // 2))})
     out = []
-    for left, bn, bm, bk, w in itertools.product((True, False), (64, 128, 256), bms, (64, 128), (4, 8)):
+    for bn, bm, bk, w in itertools.product((64, 128, 256), bms, (64, 128), (4, 8)):
         if bn * bm > 128 * 256 or (bn == 256 and w == 4) or (bn == 64 and w == 8):
             continue
         for sk in ((None, 1) if M <= 64 else (1,)):
-            out.append(dict(W_LEFT=left, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk,
+            out.append(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk,
                             num_warps=w, num_stages=3))
     return out
 

@@ -34,8 +34,7 @@ CASES = [  # M, N, K, G, launch overrides (None: the launcher's choice)
     (37, 48, 256, 64, dict(SPLIT_K=3, BLOCK_K=64)),          # split-K that does not divide
     (33, 64, 224, 32, dict(SPLIT_K=2, BLOCK_K=128, BLOCK_N=32)),  # split-K with a K tail
     (70, 24, 128, 128, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64)),  # several M tiles, M tail
-    (37, 40, 192, 64, dict(W_LEFT=False, SPLIT_K=2)),        # weight as the right operand
-    (19, 24, 128, 32, dict(W_LEFT=False, BLOCK_K=64)),       # ... a tile over 2 groups
+    (19, 24, 128, 32, dict(BLOCK_K=64, SPLIT_K=2)),          # a tile over 2 groups, split-K
 ]
 
 
