@@ -107,6 +107,8 @@ class EngineConfig:
     model_name: Optional[str] = None       # chat template override
     attention_backend: str = "auto"        # auto (triton on CUDA, torch elsewhere) | torch | triton
     enforce_eager: bool = False            # GPU: no CUDA graphs (for debugging and profiling)
+    overlap_schedule: Optional[bool] = None  # schedule step k+1 while step k runs on the device;
+                                           # None: on for a CUDA engine at tp=1, off elsewhere
 
     def __post_init__(self):
         validate_inference_fields({k: getattr(self, k) for k in INFERENCE_DEFAULTS
@@ -123,6 +125,8 @@ class EngineConfig:
         _check(self.kv_budget_gib > 0, "kv_budget_gib", self.kv_budget_gib, "> 0")
         _check(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
                self.attention_backend, "one of auto, torch, triton")
+        _check(self.overlap_schedule in (None, True, False), "overlap_schedule",
+               self.overlap_schedule, "one of None (auto), True, False")
 
 
 # config.ini fields a student may edit, with the value used when neither the file nor the

@@ -31,8 +31,8 @@ import torch  # noqa: E402
 def instrument(engine):
     """Wrap the engine's step phases with timers; returns the per-step record list."""
     steps, cur = [], {}
-    sched, execute, sampler, run = (engine.scheduler.schedule, engine.runner.execute,
-                                    engine.runner.sampler, engine.runner.run)
+    sched, execute, sampler, collect = (engine.scheduler.schedule, engine.runner.execute,
+                                        engine.runner.sampler, engine.runner.collect)
 
     def t_schedule():
         t = time.perf_counter()
@@ -40,11 +40,11 @@ def instrument(engine):
         cur.update(t0=t, schedule=time.perf_counter() - t)
         return b
 
-    def t_execute(seqs, n, is_prefill):
+    def t_execute(seqs, n, is_prefill, *rest):
         ev0 = torch.cuda.Event(enable_timing=True)
         ev0.record()
         t = time.perf_counter()
-        r = execute(seqs, n, is_prefill)
+        r = execute(seqs, n, is_prefill, *rest)
         cur.update(prepare=time.perf_counter() - t, ev0=ev0, prefill=is_prefill, B=len(seqs),
                    N=sum(n) if is_prefill else len(seqs))
         return r
@@ -56,13 +56,13 @@ def instrument(engine):
         cur.update(ev1=ev1, t_sampled=time.perf_counter())
         return out
 
-    def t_run(batch):
-        r = run(batch)
+    def t_collect(step):
+        r = collect(step)
         cur["t_run_end"] = time.perf_counter()
         return r
 
     engine.scheduler.schedule, engine.runner.execute = t_schedule, t_execute
-    engine.runner.sampler, engine.runner.run = t_sampler, t_run
+    engine.runner.sampler, engine.runner.collect = t_sampler, t_collect
     step = engine.step
 
     def t_step():
@@ -87,8 +87,11 @@ def timeline() -> dict:
     from labkit.config import EngineConfig, GenerationConfig
     from labkit.engine.engine import LLMEngine
     from labkit.models.dummy import fold_ids
+    # overlap off: the phases of a step are then sequential and can be cut apart (with it on,
+    # `labkit bench throughput` measures the engine as it runs by default)
     engine = LLMEngine("dummy:smollm2-135m", EngineConfig(max_batch_size=256, session_len=2048,
-                                                           device="cuda", dtype="bfloat16"))
+                                                           device="cuda", dtype="bfloat16",
+                                                           overlap_schedule=False))
     vocab = engine.model_config.vocab_size
     reqs = [Request(fold_ids(r.prompt_ids, vocab), r.output_len)
             for r in make_workload(engine.tokenizer, 256, (100, 1024), (100, 1024), 0)]
@@ -162,6 +165,34 @@ def kernel_profile(engine, reqs, gcs) -> list:
     return rows
 
 
+def decode_step_profile(shape: str, batch: int, context: int, steps: int = 32) -> dict:
+    """torch.profiler over `steps` decode steps of dummy:SHAPE at batch x context (engine as it
+    runs by default: CUDA graphs, overlap on): device time per kernel per step, the step's wall
+    time and the weight-bytes roofline."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from labkit.bench.decode import engine_decode
+    from labkit.bench.roofline import copy_bandwidth, decode_step_bytes
+    from labkit.config import EngineConfig
+    from labkit.engine.engine import LLMEngine
+    engine = LLMEngine(f"dummy:{shape}", EngineConfig(max_batch_size=max(batch, 1), session_len=context + 256,
+                                                      device="cuda", dtype="bfloat16",
+                                                      cache_max_entry_count=0.5))
+    wall = min(engine_decode(engine, batch, context, 32) for _ in range(2))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine_decode(engine, batch, context, steps)
+    bw = copy_bandwidth(engine.device)
+    roof = decode_step_bytes(engine.model, 0, []) / bw
+    rows = []
+    for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:16]:
+        if e.self_device_time_total > 0:     # the prefill of engine_decode is in it too: small
+            rows.append({"name": e.key[:70], "calls_per_step": e.count / steps,
+                         "us_per_step": e.self_device_time_total / steps})
+    engine.close()
+    return {"shape": shape, "batch": batch, "context": context, "wall_ms": wall * 1e3,
+            "weights_roofline_ms": roof * 1e3, "copy_GBs": bw / 1e9, "kernels": rows}
+
+
 def smollm_decode_kernels() -> list:
     from labkit.bench.kernels import decode_point
     rows = []
@@ -174,8 +205,17 @@ def smollm_decode_kernels() -> list:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--decode", nargs=3, metavar=("SHAPE", "BATCH", "CONTEXT"),
+                    help="only profile decode steps of dummy:SHAPE (e.g. llama-2-7b 1 256)")
     args = ap.parse_args()
     t = time.perf_counter()
+    if args.decode:
+        r = decode_step_profile(args.decode[0], int(args.decode[1]), int(args.decode[2]))
+        print(f"\n== decode {r['shape']} batch {r['batch']} ctx {r['context']}: {r['wall_ms']:.3f} ms/step, "
+              f"weights alone {r['weights_roofline_ms']:.3f} ms at {r['copy_GBs']:.0f} GB/s")
+        for k in r["kernels"]:
+            print(f"  {k['us_per_step']:>9.1f} us  {k['calls_per_step']:>6.1f}x  {k['name']}")
+        return 0
     res = {"device": torch.cuda.get_device_name(), "timeline": timeline()}
     res["decode_kernel_smollm2"] = smollm_decode_kernels()
     res["seconds"] = time.perf_counter() - t

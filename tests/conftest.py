@@ -116,3 +116,14 @@ def labkit_run():
 def labkit_popen():
     """`labkit_popen("convert", ...)` -> a running Popen with stdout/stderr pipes."""
     return popen_labkit
+
+
+@pytest.fixture(scope="session")
+def prompts_and_reference():
+    """(seed, 10 varied chat prompts, HF `generate`'s greedy 32 tokens for each): fresh prompts
+    each run, computed once for every engine test file that compares with HF."""
+    import random
+    from tests.helpers import hf_generate, make_prompts
+    seed = random.randrange(2**31)
+    prompts = make_prompts(10, seed)
+    return seed, prompts, [hf_generate(p) for p in prompts]

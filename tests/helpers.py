@@ -6,6 +6,7 @@ import functools
 import os
 import shutil
 import tempfile
+import random
 from pathlib import Path
 
 import torch
@@ -63,3 +64,37 @@ def hf_tokenizer(model: str = "smollm2-135m"):
     from transformers import AutoTokenizer
     from labkit.models import bundled
     return AutoTokenizer.from_pretrained(str(bundled.bundled_tokenizer_dir()))
+
+
+# ---------------------------------------------------------------------------- chat prompts vs HF
+TOPICS = ["the moon", "rust programming", "a cat named Tofu", "tensor parallelism", "bread baking",
+          "the French revolution", "prime numbers", "jazz", "volcanoes", "KV caches", "sailing",
+          "photosynthesis", "chess openings", "the number zero"]
+FORMS = ["Write one sentence about {}.", "Tell me a short story about {}.",
+         "What are three facts about {}? Answer briefly.", "Explain {} to a child.",
+         "Give me a poem on {}, four lines.", "{}"]
+
+
+def make_prompts(n, seed):
+    """Varied chat prompts (fresh each run: the seed is printed on failure)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        msg = [{"role": "user", "content": rng.choice(FORMS).format(rng.choice(TOPICS))}]
+        if i % 3 == 1:
+            msg.insert(0, {"role": "system", "content": "You are a terse assistant."})
+        if i % 4 == 2:      # a multi-turn chat
+            msg = msg + [{"role": "assistant", "content": "Sure."},
+                         {"role": "user", "content": "Say more, " + "please " * rng.randint(1, 20)}]
+        out.append(msg)
+    return out
+
+
+def hf_generate(messages, max_new_tokens=32):
+    tok, model = hf_tokenizer(), hf_model()
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+    return out[0, ids.shape[1]:].tolist()

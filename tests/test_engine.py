@@ -1,46 +1,12 @@
 """The paged-KV engine against HF transformers `generate` (fp32, CPU, greedy): one request at a
 time, many in one continuous batch, under preemption, with chunked prefill and prefix hits.
 dtype="float32" explicitly: on a CPU with native bf16, dtype="auto" would pick bf16."""
-import random
-
 import pytest
 import torch
 
 from labkit.config import EngineConfig, GenerationConfig
 from labkit.engine.engine import LLMEngine
-from tests.helpers import hf_model, hf_tokenizer, workspace
-
-TOPICS = ["the moon", "rust programming", "a cat named Tofu", "tensor parallelism", "bread baking",
-          "the French revolution", "prime numbers", "jazz", "volcanoes", "KV caches", "sailing",
-          "photosynthesis", "chess openings", "the number zero"]
-FORMS = ["Write one sentence about {}.", "Tell me a short story about {}.",
-         "What are three facts about {}? Answer briefly.", "Explain {} to a child.",
-         "Give me a poem on {}, four lines.", "{}"]
-
-
-def make_prompts(n, seed):
-    """Varied chat prompts (fresh each run: the seed is printed on failure)."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        msg = [{"role": "user", "content": rng.choice(FORMS).format(rng.choice(TOPICS))}]
-        if i % 3 == 1:
-            msg.insert(0, {"role": "system", "content": "You are a terse assistant."})
-        if i % 4 == 2:      # a multi-turn chat
-            msg = msg + [{"role": "assistant", "content": "Sure."},
-                         {"role": "user", "content": "Say more, " + "please " * rng.randint(1, 20)}]
-        out.append(msg)
-    return out
-
-
-def hf_generate(messages, max_new_tokens=32):
-    tok, model = hf_tokenizer(), hf_model()
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                  return_dict=True)["input_ids"]
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.eos_token_id)
-    return out[0, ids.shape[1]:].tolist()
+from tests.helpers import TOPICS, hf_generate, workspace
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +15,6 @@ def engine():
                                                             cache_max_entry_count=0.2, dtype="float32"))
     yield eng
     assert eng.stats()["blocks_used"] == 0
-
-
-@pytest.fixture(scope="module")
-def prompts_and_reference():
-    seed = random.randrange(2**31)
-    prompts = make_prompts(10, seed)
-    return seed, prompts, [hf_generate(p) for p in prompts]
 
 
 def test_greedy_one_at_a_time_matches_hf(engine, prompts_and_reference):

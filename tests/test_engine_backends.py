@@ -39,8 +39,8 @@ class Recorder:
         runner, sampler = engine.runner, engine.runner.sampler
         execute = runner.execute
 
-        def recording_execute(seqs, num_new, is_prefill):
-            step, logits = execute(seqs, num_new, is_prefill)
+        def recording_execute(seqs, num_new, is_prefill, *rest):
+            step, logits = execute(seqs, num_new, is_prefill, *rest)
             for row, i in enumerate(step.sample_seq_index):
                 self.steps.setdefault(seqs[i].request_id, []).append(logits[row].double().cpu())
             return step, logits
@@ -84,6 +84,20 @@ def test_cuda_graphs_on_and_off_identical(dtype):
     graphs = _engine(_model(), "triton", dtype, "cuda")
     assert graphs.runner.graphs is not None and eager.runner.graphs is None
     assert _run(graphs) == _run(eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_overlap_schedule_on_and_off_identical(dtype):
+    """Overlap scheduling (on by default on CUDA) changes when tokens are read, not which."""
+    sync = _engine(_model(), "triton", dtype, "cuda", overlap_schedule=False)
+    overlap = _engine(_model(), "triton", dtype, "cuda")
+    assert overlap.overlap and not sync.overlap
+    gcs = [GREEDY16.replace(max_new_tokens=n) for n in (1, 2, 5, 16, 16, 9, 3, 16)]
+    got = [o.token_ids for o in overlap.generate(PROMPTS, gcs)]
+    assert got == [o.token_ids for o in sync.generate(PROMPTS, gcs)]
+    assert [len(t) for t in got] == [1, 2, 5, 16, 16, 9, 3, 16]
+    assert overlap.stats()["blocks_used"] == 0
 
 
 def test_triton_backend_matches_torch_with_dynamic_ntk(tmp_path):

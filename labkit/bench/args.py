@@ -16,6 +16,8 @@ def add_model_args(p, default_model: str = "smollm2-135m") -> None:
     flag(p, "device", default="auto", help="auto | cpu | cuda | cuda:N")
     flag(p, "dtype", default="auto",
          help="auto (bf16 on CUDA, on CPUs with native bf16 and for int4 weights, else fp32) | fp32 | bf16 | fp16")
+    flag(p, "no_overlap", action="store_true",
+         help="overlap scheduling off: each step scheduled after the previous step's tokens are read")
 
 
 def add_decode_args(p) -> None:

@@ -86,7 +86,8 @@ def decode_bench(args) -> dict:
     model = model_source(args)
     ec = EngineConfig(device=args.device, dtype=args.dtype, max_batch_size=max_b,
                       session_len=session, cache_max_entry_count=args.cache_max_entry_count,
-                      enforce_eager=args.enforce_eager)
+                      enforce_eager=args.enforce_eager,
+                      overlap_schedule=False if args.no_overlap else None)
     engine = LLMEngine(model, ec)
     dev, cfg = engine.device, engine.model_config
     bw = copy_bandwidth(dev) if dev.type == "cuda" else copy_bandwidth(dev, 0.25, 3)
@@ -102,7 +103,7 @@ def decode_bench(args) -> dict:
                      "roofline_ms": roof * 1e3, "fraction_of_roofline": roof / t})
         print(json.dumps(rows[-1]), flush=True)
     info = {"weight_bytes": decode_step_bytes(engine.model, 0, []),
-            "cuda_graphs": engine.runner.graphs is not None,
+            "cuda_graphs": engine.runner.graphs is not None, "overlap_schedule": engine.overlap,
             "dtype": str(engine.dtype).replace("torch.", "")}
     if peers:               # HF after the engine is gone: both KV caches at once may not fit
         dtype = engine.dtype
@@ -132,7 +133,8 @@ def _free(dev):
 def print_table(r: dict) -> None:
     print(f"decode: {r['model']} | {r['device']} {r['dtype']} | commit {r['commit']} | copy "
           f"{r['copy_bandwidth_GBs']:.0f} GB/s | weights {r['weight_bytes'] / 1e9:.2f} GB | "
-          f"CUDA graphs {'on' if r['cuda_graphs'] else 'off'}")
+          f"CUDA graphs {'on' if r['cuda_graphs'] else 'off'} | "
+          f"overlap scheduling {'on' if r.get('overlap_schedule') else 'off'}")
     peers = sorted({k[:-6] for row in r["rows"] for k in row if k.endswith("_tok_s") and k != "labkit_tok_s"})
     head = f"{'batch':>6}{'ctx':>7}{'labkit ms':>11}{'host ms':>9}{'tok/s':>10}{'roofline':>10}" + \
            "".join(f"{p + ' tok/s':>17}" for p in peers)

@@ -74,7 +74,8 @@ def throughput(args) -> dict:
     model = model_source(args)
     ec = EngineConfig(max_batch_size=args.max_batch_size, session_len=args.session_len,
                       cache_max_entry_count=args.cache_max_entry_count, device=args.device,
-                      dtype=args.dtype, tp=args.tp)
+                      dtype=args.dtype, tp=args.tp,
+                      overlap_schedule=False if args.no_overlap else None)
     engine = LLMEngine(model, ec)
     try:
         return _measure(args, model, engine)
@@ -111,6 +112,7 @@ def _measure(args, model, engine) -> dict:
               "dtype": str(engine.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
               "repeats": args.repeats, "copy_bandwidth_GBs": bw / 1e9, "roofline_seconds": roof,
               "cuda_graphs": engine.runner.graphs is not None, "tp": engine.config.tp,
+              "overlap_schedule": engine.overlap,
               "workload": {"num_requests": args.num_requests, "input_len": list(args.input_len),
                            "output_len": list(args.output_len), "seed": args.seed,
                            "max_batch_size": args.max_batch_size, "ignore_eos": True}}
@@ -145,7 +147,8 @@ def print_table(r: dict) -> None:
     w = r["workload"]
     print(f"throughput: {w['num_requests']} requests, prompt {w['input_len']}, output {w['output_len']}, "
           f"max_batch_size {w['max_batch_size']}, seed {w['seed']} | {r['device']} {r['dtype']} | "
-          f"commit {r['commit']} | median of {r['repeats']}")
+          f"commit {r['commit']} | median of {r['repeats']} | "
+          f"overlap scheduling {'on' if r.get('overlap_schedule') else 'off'}")
     print(f"{'engine':<28}{'seconds':>10}{'out tok/s':>12}{'req/s':>10}")
     rows = [("labkit (continuous batching)", r["labkit"]), ("HF generate (static batches)", r.get("hf")),
             ("llama.cpp (one at a time)", r.get("llamacpp")),

@@ -1,12 +1,14 @@
 """LLMEngine: requests in, tokens out, one `step()` at a time.
 
-    step = schedule -> run -> postprocess
+    step = schedule -> launch -> read tokens -> outputs
 
 `add_request` tokenizes and queues a request; `step` runs one batch (a prefill or a decode
 step for every running sequence) and returns what each request produced (every streaming
 request, each step; a request added with stream=False only when it finishes: it skips the
 per-token detokenizing and output building, as vLLM's FINAL_ONLY outputs do); `abort` drops a
 request and frees its KV blocks. Everything else (pipeline, server, chat) is built on these.
+With overlap scheduling (EngineConfig.overlap_schedule, on for CUDA) a step returns what the
+step before it produced, while its own runs on the device.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -21,7 +24,7 @@ from labkit.config import ConfigError, EngineConfig, GenerationConfig
 from labkit.engine.block_manager import BlockManager
 from labkit.engine.device import resolve_device
 from labkit.engine.kv_cache import plan_kv_cache
-from labkit.engine.model_runner import ModelRunner
+from labkit.engine.model_runner import LaunchedStep, ModelRunner
 from labkit.engine.sampler import make_generator
 from labkit.engine.scheduler import Scheduler
 from labkit.engine.sequence import Sequence
@@ -71,6 +74,7 @@ class LLMEngine:
         self.num_steps = 0
         self.host_seconds = 0.0           # schedule + postprocess time, summed over steps
         self.last_batch = None
+        self._inflight: LaunchedStep | None = None     # launched, tokens not read (overlap)
 
     def _load(self, model, cfg, ec: EngineConfig, workspace) -> None:
         """Weights, KV cache, scheduler, runner. At tp > 1 ranks 1..tp-1 (their own processes,
@@ -98,6 +102,8 @@ class LLMEngine:
                                           ec.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, ec.max_batch_size, ec.max_prefill_token_num)
         self.runner = ModelRunner(self.model, cfg, ec, self.kv_plan, self.device, self.dtype)
+        self.overlap = (ec.overlap_schedule if ec.overlap_schedule is not None
+                        else self.device.type == "cuda" and ec.tp == 1)
         if self.tp_group is not None:
             self.tp_group.attach(self.runner)
 
@@ -131,6 +137,7 @@ class LLMEngine:
                        generator=make_generator(gc.random_seed, self.device), stream=stream)
         stop = StopChecker(self.tokenizer, gc, len(ids), ec.session_len)
         seq.stop_ids = stop.stop_ids
+        seq.max_tokens = min(len(ids) + gc.max_new_tokens, ec.session_len)   # as StopChecker's
         # dynamic NTK: one RoPE base per sequence, for the longest it may get (rotary.py)
         seq.rope_len = self.model.rope.rope_length(min(len(ids) + gc.max_new_tokens, ec.session_len))
         self.seqs[rid], self.stoppers[rid] = seq, stop
@@ -146,7 +153,7 @@ class LLMEngine:
         return self._finish_output(seq, [])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def reset_prefix_cache(self) -> int:
         """Drop all cached prefix blocks (those no running request uses)."""
@@ -154,33 +161,67 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
+        """schedule -> launch -> read tokens -> outputs.
+
+        Without overlap a step's tokens are read right after its launch. With overlap (on for
+        CUDA) the step launched here runs on the device while the host turns the *previous*
+        step's tokens into outputs; the scheduler counted each of those tokens as PENDING, and
+        its id is written into this step's inputs just before their upload (SGLang's overlap
+        scheduler, vLLM's async scheduling). A step that may preempt waits for the tokens."""
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule()
-        if batch is None:
+        prev, self._inflight = self._inflight, None
+        batch = None if prev is not None and self.scheduler.must_wait() else self.scheduler.schedule()
+        if batch is None and prev is None:
             if self.has_unfinished():
                 raise RuntimeError("no request can be scheduled: the KV cache is too small")
             return []
-        self.last_batch = batch                            # for notebooks and tests to inspect
         t1 = time.perf_counter()
-        sampled = self.runner.run(batch)                   # {seq_id: token}
+        if batch is not None:
+            self.last_batch = batch                        # for notebooks and tests to inspect
+            cur = self.runner.launch(batch, before_upload=prev and partial(self._read_tokens, prev))
+            t = time.perf_counter()
+            self._on_launch(cur)
+            self.host_seconds += time.perf_counter() - t
+            prev, self._inflight = (prev, cur) if self.overlap else (cur, None)
+        if prev is not None:
+            self._read_tokens(prev)       # waits for the device (read already if overlapping)
         t2 = time.perf_counter()
-        self.scheduler.postprocess(batch)
-        self.num_steps += 1
-        outs = [out for seq in batch.seqs if seq.seq_id in sampled
-                for out in [self._on_token(seq, sampled[seq.seq_id])] if out is not None]
+        outs = self._outputs(prev)
         # host time outside the runner: scheduling, block bookkeeping, stop checks, detokenizing
         self.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
         return outs
 
+    def _on_launch(self, step: LaunchedStep) -> None:
+        """A launched step's tokens count as computed now, and each token it samples is
+        PENDING until read: the next step can be scheduled before this one finishes."""
+        self.scheduler.postprocess(step.batch)
+        self.num_steps += 1
+        for seq in step.seqs:
+            seq.append_pending()
+
+    def _read_tokens(self, step: LaunchedStep) -> None:
+        """Wait for a step's sampled tokens and put them in place of their PENDING ids."""
+        if step.collected:                                 # read already (collect caches them)
+            return
+        for seq, token in zip(step.seqs, self.runner.collect(step)):
+            if not seq.is_finished:                        # aborted meanwhile: nothing to fill
+                seq.resolve_pending(token)
+
+    def _outputs(self, step: LaunchedStep | None) -> list[RequestOutput]:
+        if step is None:
+            return []
+        self._read_tokens(step)
+        return [out for seq, token in zip(step.seqs, step.tokens) if not seq.is_finished
+                for out in [self._on_token(seq, token)] if out is not None]
+
     def _on_token(self, seq: Sequence, token: int) -> RequestOutput | None:
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
-        seq.append_token(token)
         self.generated_tokens_total += 1
         stop = self.stoppers[seq.request_id]
-        reason = stop.on_token(token, seq.num_tokens)
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
+        reason = stop.on_token(token, seq.num_tokens - seq.num_pending)
+        if reason is not None:     # with overlap the next step may be computing a token for
+            self.scheduler.finish(seq, reason)   # it: that one is dropped when read
             return self._finish_output(seq, [token])
         if not seq.stream:
             return None

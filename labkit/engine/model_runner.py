@@ -1,8 +1,15 @@
 """ModelRunner: turns a scheduled batch into tensors, runs the model, samples.
 
-    run(batch) = prepare (host: numpy into the step buffer, one upload)
-               -> forward (device: a captured CUDA graph for decode, eager otherwise)
-               -> sample  (argmax or the full sampler; the one device->host sync of the step)
+    launch(batch) = prepare (host: numpy into the step buffer, one upload)
+                  -> forward (device: a captured CUDA graph for decode, eager otherwise)
+                  -> sample  (argmax or the full sampler, into a device tensor)
+                  -> start copying the tokens to the host; returns without waiting
+    collect(step) = wait for that copy: the one device->host sync of a step
+    run(batch)    = collect(launch(batch))
+
+Between the two the host is free to schedule and prepare the next step (overlap scheduling,
+labkit/engine/engine.py); `launch(batch, before_upload=...)` calls back once the host buffer
+is written, so the previous step's tokens are read as late as possible.
 
 The KV cache tensors are allocated here and handed to each layer's Attention. On CUDA the
 Triton backend is chosen (EngineConfig.attention_backend="auto") and decode steps replay CUDA
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,7 +29,7 @@ from labkit.engine.cuda_graphs import DecodeGraphs, graph_buckets
 from labkit.engine.kv_cache import KVCachePlan, allocate_kv_cache
 from labkit.engine.sampler import SampleRow, Sampler
 from labkit.engine.scheduler import ScheduledBatch
-from labkit.engine.step_inputs import StepBuffers, StepInputs, fill_step
+from labkit.engine.step_inputs import StepBuffers, StepInputs, fill_step, write_pending_ids
 from labkit.layers.backend import make_backend
 
 log = logging.getLogger("labkit")
@@ -46,6 +53,17 @@ class StepHeader:
         return self.bucket or self.num_seqs
 
 
+@dataclass(eq=False)
+class LaunchedStep:
+    """A step whose sampled tokens are on their way to the host."""
+    batch: ScheduledBatch
+    seqs: list                 # (S,) the sequences that sample this step
+    tokens: object = None      # (S,) device tensor until collected, then a list of ints
+    ready: object = None       # CUDA event recorded after the copy to `host` (None on CPU)
+    host: object = None        # pinned host tensor the tokens are copied into
+    collected: bool = field(default=False)
+
+
 class ModelRunner:
     def __init__(self, model, cfg: ModelConfig, ec: EngineConfig, plan: KVCachePlan,
                  device: torch.device, dtype: torch.dtype):
@@ -61,6 +79,11 @@ class ModelRunner:
         max_tokens = max(ec.max_prefill_token_num, ec.max_batch_size)
         self.buffers = StepBuffers(max_tokens, ec.max_batch_size, max_blocks, device)
         self.sampler = Sampler()
+        # (2, max B) pinned: sampled ids land here, alternating, so a step's copy never
+        # overwrites the previous step's tokens before they are read
+        self._tokens_host = (torch.empty(2, ec.max_batch_size, dtype=torch.long, pin_memory=True)
+                             if device.type == "cuda" else None)
+        self._num_launched = 0
         self.graphs = None
         self.prepare_seconds = 0.0        # host time building step inputs, summed over steps
         self.tp_group = None              # rank 0 at tp > 1: labkit/engine/tp_group.py sets it
@@ -70,18 +93,48 @@ class ModelRunner:
             self.graphs.capture()
 
     # ------------------------------------------------------------------ the step
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> dict[int, int]:
-        """Run one step. Returns {seq_id: sampled token} for the sequences that sample now
-        (all decodes; prefills whose prompt is complete after this chunk)."""
-        step, logits = self.execute(batch.seqs, batch.num_new_tokens, batch.is_prefill)
-        if not step.logits_rows:
-            return {}
-        seqs = [batch.seqs[i] for i in step.sample_seq_index]
-        tokens = self.sampler(logits, [self._sample_row(s) for s in seqs]).tolist()  # the sync
-        return {s.seq_id: t for s, t in zip(seqs, tokens)}
+        """Run one step and wait for it. Returns {seq_id: sampled token} for the sequences that
+        sample now (all decodes; prefills whose prompt is complete after this chunk)."""
+        step = self.launch(batch)
+        return {s.seq_id: t for s, t in zip(step.seqs, self.collect(step))}
 
-    def execute(self, seqs, num_new_tokens, is_prefill: bool) -> tuple[StepInputs, torch.Tensor]:
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, before_upload=None) -> LaunchedStep:
+        """prepare -> forward -> sample -> start the tokens' copy to the host; no sync.
+        `before_upload()` runs once the host has written the step (it reads the previous
+        step's tokens: rows whose input is one of them are written after it returns)."""
+        step, logits = self.execute(batch.seqs, batch.num_new_tokens, batch.is_prefill,
+                                    before_upload)
+        seqs = [batch.seqs[i] for i in step.sample_seq_index]
+        out = LaunchedStep(batch, seqs)
+        if not seqs:
+            out.tokens, out.collected = [], True
+            return out
+        tokens = self.sampler(logits, [self._sample_row(s) for s in seqs])   # (S,) on the device
+        if self._tokens_host is None:                                        # CPU: already here
+            out.tokens = tokens
+            return out
+        self._num_launched += 1
+        out.host = self._tokens_host[self._num_launched % 2, :len(seqs)]
+        out.host.copy_(tokens, non_blocking=True)
+        out.ready = torch.cuda.Event()
+        out.ready.record()
+        return out
+
+    def collect(self, step: LaunchedStep) -> list[int]:
+        """The step's sampled tokens (S,) as ints, in `step.seqs` order: waits for the GPU."""
+        if not step.collected:
+            if step.ready is not None:
+                step.ready.synchronize()
+                step.tokens = step.host.tolist()
+            else:
+                step.tokens = step.tokens.tolist()
+            step.collected = True
+        return step.tokens
+
+    def execute(self, seqs, num_new_tokens, is_prefill: bool,
+                before_upload=None) -> tuple[StepInputs, torch.Tensor]:
         """prepare + forward: the logits (S, V) float32 of the rows that sample."""
         t0 = time.perf_counter()
         scaled = any(s.rope_len for s in seqs)        # dynamic NTK: per-token RoPE tables
@@ -93,6 +146,10 @@ class ModelRunner:
         header = StepHeader(is_prefill, step.num_seqs, step.num_tokens, step.max_seqlen_q,
                             len(step.logits_rows), bucket or 0, int(step.rope_scaled))
         self.prepare_seconds += time.perf_counter() - t0
+        if before_upload is not None:
+            before_upload()
+        if step.pending_rows:
+            write_pending_ids(self.buffers, step, seqs)
         if self.tp_group is not None:       # the other ranks run the same step on their shards
             return step, self.tp_group.run_step(header, self.buffers, self.forward_from_buffers)
         return step, self.forward_from_buffers(header)

@@ -11,6 +11,12 @@ one is preempted by recompute (vLLM's default): its blocks are freed and it goes
 front of the queue, to be prefilled again (prompt + what it generated so far) later. A step
 that preempted admits nobody, and admission keeps a small watermark of free blocks, so a
 preempted request is not readmitted only to be preempted again.
+
+Overlap scheduling (labkit/engine/engine.py): the next step is scheduled while the current
+one runs, so a running sequence's last token may still be PENDING (sampled on the device, not
+read yet). That changes two things here: a sequence whose pending token is its last by length
+is not scheduled again, and a step that would have to preempt is not scheduled ahead at all
+(`must_wait`: preemption re-prefills a sequence's tokens, so they must all be known).
 """
 from __future__ import annotations
 
@@ -61,10 +67,21 @@ class Scheduler:
         return ScheduledBatch(decode + prefill, [1] * len(decode) + counts,
                               is_prefill=bool(prefill), preempted=preempted)
 
+    def must_wait(self) -> bool:
+        """With a step in flight: would the next decode step preempt (more running sequences
+        need a new block than are free)? Then its tokens must be read before scheduling."""
+        need = sum(1 for s in self._decodable() if s.blocks_needed() > len(s.block_table))
+        return need > self.bm.num_free
+
+    def _decodable(self) -> list[Sequence]:
+        """Running sequences with a token to compute: not those whose pending token is their
+        last by length (they finish once it is read)."""
+        return [s for s in self.running if not (s.num_pending and s.at_length_limit)]
+
     def _schedule_decode(self) -> tuple[list[Sequence], list[Sequence]]:
         """One slot for every running sequence, preempting the newest when blocks run out."""
         batch, preempted = [], []
-        running = list(self.running)
+        running = self._decodable()
         while running:
             seq = running.pop(0)
             while not self.bm.can_append(seq):

@@ -19,6 +19,7 @@ class SequenceStatus(enum.Enum):
 
 
 _ids = itertools.count()
+PENDING = -1                          # token id of a sampled token not read back yet
 
 
 @dataclass(eq=False)
@@ -46,6 +47,10 @@ class Sequence:
     num_hashed_blocks: int = 0        # leading full blocks already named for prefix caching
     last_block_hash: Optional[int] = None   # chained hash of the last of those
     rope_len: int = 0                 # dynamic NTK: the length its RoPE base is chosen for (0: off)
+    max_tokens: int = 1 << 62         # prompt + output can never exceed this (max_new_tokens,
+                                      # session_len): the engine sets it
+    num_pending: int = 0              # 1 while its last id is a placeholder (PENDING) for a
+                                      # token sampled on the device and not read yet (overlap)
 
     def __post_init__(self):
         assert len(self.token_ids) > 0, "a sequence needs at least one prompt token"
@@ -69,7 +74,13 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """Output ids read back so far (a pending placeholder is not one of them)."""
+        return self.token_ids[self.num_prompt_tokens:self.num_tokens - self.num_pending]
+
+    @property
+    def at_length_limit(self) -> bool:
+        """Its last token (maybe still pending) is its last one: max_new_tokens or session_len."""
+        return self.num_tokens >= self.max_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -94,6 +105,17 @@ class Sequence:
         assert self.num_computed_tokens == self.num_tokens, "append only after the step computed all tokens"
         self.token_ids.append(int(token_id))
 
+    def append_pending(self) -> None:
+        """Overlap scheduling: the step just launched samples this sequence's next token on the
+        device; count it now (so the next step can be scheduled) and fill in its id later."""
+        self.append_token(PENDING)
+        self.num_pending = 1
+
+    def resolve_pending(self, token_id: int) -> None:
+        assert self.num_pending == 1 and self.token_ids[-1] == PENDING
+        self.token_ids[-1] = int(token_id)
+        self.num_pending = 0
+
     def mark_computed(self, n: int) -> None:
         assert 0 < n <= self.num_uncomputed_tokens, (n, self.num_uncomputed_tokens)
         self.num_computed_tokens += n
@@ -102,6 +124,7 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Preemption by recompute: drop all KV; prompt + output so far are prefilled again."""
         assert not self.block_table, "free the blocks first"
+        assert not self.num_pending, "read the pending token first"
         self.num_computed_tokens = 0
         self.num_preemptions += 1
         self.status = SequenceStatus.WAITING

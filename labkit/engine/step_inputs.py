@@ -17,6 +17,11 @@ All of it is int32 and lives in ONE pinned host buffer mirrored by ONE device bu
 field at a fixed offset. A step is one host->device copy of the used prefix, and every field
 is a view at a fixed address: what a CUDA graph needs (it replays reading the same addresses).
 
+With overlap scheduling the host fills step k+1 while step k runs: `fill_step` first waits
+for step k's upload to have left the pinned buffer (it is the first thing step k does on the
+device), and the rows whose input is step k's still-unread token (PENDING) are listed in
+`StepInputs.pending_rows` and written by `write_pending_ids` once that token is read.
+
 Host cost per step is O(tokens) numpy writes, plus O(new block-table entries): a sequence's
 row of the block table is rewritten only when its blocks changed (`kv_epoch`, new blocks).
 """
@@ -40,6 +45,7 @@ class StepInputs:
     logits_rows: list[int]     # (S,) rows whose logits are needed
     sample_seq_index: list[int]  # (S,) which of the B sequences each logits row belongs to
     rope_scaled: bool = False  # a sequence with its own RoPE base: rope_lens is written
+    pending_rows: tuple = ()   # rows whose input id is a PENDING token (decode rows, < B)
 
 
 class StepBuffers:
@@ -65,6 +71,7 @@ class StepBuffers:
         self.tables = self.host[self.offset["block_tables"]:].reshape(max_seqs, max_blocks)
         self._row_key: list = [None] * max_seqs    # (seq_id, kv_epoch) whose row is written
         self._row_len = [0] * max_seqs             # block-table entries written in that row
+        self._uploaded = torch.cuda.Event() if pin else None   # the last upload has left `host`
 
     # ------------------------------------------------------------------ host side
     def field(self, name: str, n: int) -> np.ndarray:
@@ -92,6 +99,12 @@ class StepBuffers:
             return
         part = self.used(num_rows, rope_scaled)
         self.dev[part].copy_(self.host_t[part], non_blocking=True)
+        self._uploaded.record()
+
+    def wait_uploaded(self) -> None:
+        """Before writing `host`: the previous step's asynchronous upload has read it."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
 
     # ------------------------------------------------------------------ device views
     def view(self, name: str, n: int) -> torch.Tensor:
@@ -117,6 +130,7 @@ def fill_step(buf: StepBuffers, seqs, num_new_tokens, is_prefill: bool, pad_to: 
     """Write a batch's inputs into the host buffer; rows past B up to `pad_to` are padding
     (slot -1, context 0: the kernels skip them). `rope_scaled`: some sequence has a rope
     length, so rope_lens is written. Returns the step's host-side summary."""
+    buf.wait_uploaded()
     B, bs = len(seqs), seqs[0].block_size
     rows = max(B, pad_to)
     N = sum(num_new_tokens) if is_prefill else B
@@ -152,9 +166,20 @@ def fill_step(buf: StepBuffers, seqs, num_new_tokens, is_prefill: bool, pad_to: 
         lens = buf.field("rope_lens", N)
         n_tok = [1] * B if not is_prefill else num_new_tokens
         lens[:] = np.repeat([seq.rope_len for seq in seqs], n_tok)
+    pending = tuple(np.flatnonzero(ids[:N] < 0).tolist())   # PENDING inputs (decode rows)
     buf.write_tables(seqs)
     if rows > B:                       # padding rows of a graph bucket must not read stale ids
         buf.tables[B:rows, :1] = 0
         for i in range(B, rows):
             buf._row_key[i] = None
-    return StepInputs(is_prefill, B, N, max(num_new_tokens), logits_rows, sample_idx, rope_scaled)
+    return StepInputs(is_prefill, B, N, max(num_new_tokens), logits_rows, sample_idx, rope_scaled,
+                      pending)
+
+
+def write_pending_ids(buf: StepBuffers, step: StepInputs, seqs) -> None:
+    """Once the previous step's tokens are read: the input id of each PENDING row. Decode
+    sequences come first in a batch and compute one token each, so row r is seqs[r]'s."""
+    ids, pos = buf.field("input_ids", step.num_tokens), buf.field("positions", step.num_tokens)
+    for r in step.pending_rows:
+        ids[r] = seqs[r].token_ids[pos[r]]
+        assert ids[r] >= 0, f"row {r}: its input token was never read"
