@@ -8,6 +8,7 @@ With a residual (the pre-norm transformer's `x = x + sublayer(x)` folded into th
     y = rmsnorm(s) * weight,  and s is returned as the new residual
 
     rms_norm_ref     PyTorch (F.rms_norm in float32, as HF's LlamaRMSNorm)
+    rms_norm_fast    PyTorch, the same numbers (bitwise) in fewer ops: the CPU engine's path
     rms_norm_triton  Triton: one program per row, the add, the norm and the scale in registers
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from kernels._triton import require_triton, tl, triton
 
-__all__ = ["rms_norm_ref", "rms_norm_triton"]
+__all__ = ["rms_norm_ref", "rms_norm_fast", "rms_norm_triton"]
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -28,6 +29,39 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
     normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)          # (..., H) float32
     y = weight * normed.to(x.dtype)                                  # (..., H) as HF does
     return y if residual is None else (y, x)
+
+
+def rms_norm_fast(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                  residual: torch.Tensor | None = None):
+    """Same contract and numbers as `rms_norm_ref` (bit for bit: tests/test_cpu_fast_path.py).
+
+    A CPU decode step runs 61 norms of one row each, so the op count is the cost: F.rms_norm's
+    CPU path is ~20 small ops (pow, mean = sum + divide, casts of its Python scalars, ...), and
+    the float32 copy of an fp32 tensor and the cast back add more. Here: the same products,
+    sum, division by H, + eps and rsqrt in 7 ops, with H and eps as cached 0-d tensors (an
+    in-place op with a Python number converts it to a tensor on every call).
+    """
+    if residual is not None:
+        x = torch.add(x, residual)                                   # (..., H) model dtype
+    xf = x if x.dtype == torch.float32 else x.float()                # (..., H) float32
+    ms = torch.mul(xf, xf).sum(-1, keepdim=True).div_(_scalar(x.shape[-1]))  # (..., 1) mean x^2
+    normed = torch.mul(xf, ms.add_(_scalar(eps)).rsqrt_())           # (..., H) float32
+    if normed.dtype != x.dtype:
+        normed = normed.to(x.dtype)                                  # rounded as HF rounds it
+    y = weight * normed                                              # (..., H)
+    return y if residual is None else (y, x)
+
+
+_SCALARS: dict[float, torch.Tensor] = {}
+
+
+def _scalar(value: float) -> torch.Tensor:
+    """A 0-d float32 CPU tensor holding `value`, made once (ops take it as a scalar)."""
+    t = _SCALARS.get(value)
+    if t is None:
+        with torch.inference_mode(False), torch.no_grad():
+            t = _SCALARS[value] = torch.tensor(float(value), dtype=torch.float32)
+    return t
 
 
 @triton.jit

@@ -10,6 +10,8 @@ cos/sin are precomputed tables (P, D) (both halves equal, as HF stores them). Th
 rotates q and k together: they are the first Hq + Hkv heads of the fused qkv projection.
 
     rotary_ref     PyTorch, in float32, written back in place
+    rotary_rows    the cos/sin rows of a step's positions, gathered once for every layer
+    rotary_fast    PyTorch on those rows: the same numbers as rotary_ref (bitwise), fewer ops
     rotary_triton  Triton: one program per token, every head of it, in place
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from kernels._triton import require_triton, tl, triton
 
-__all__ = ["rotary_ref", "rotary_triton", "rotate_half"]
+__all__ = ["rotary_ref", "rotary_rows", "rotary_fast", "rotary_triton", "rotate_half"]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:          # (..., D)
@@ -33,6 +35,33 @@ def rotary_ref(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     s = sin[positions].unsqueeze(-2)
     xf = x.float()
     x.copy_(xf * c + rotate_half(xf) * s)                   # (..., H, D) back in x's dtype
+    return x
+
+
+def rotary_rows(positions: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of cos/sin (P, D) at `positions` (...) -> c, s (..., 1, D) float32, for
+    `rotary_fast`. Every layer rotates the same positions, so the CPU engine gathers them once
+    per step (two index ops, not two per layer). s carries rotate_half's sign: its first half is
+    negated, so that rotate_half(x) * sin == swap_halves(x) * s exactly (negation is exact)."""
+    c = cos[positions].unsqueeze(-2)                        # (..., 1, D) float32, a copy
+    s = sin[positions].unsqueeze(-2)                        # (..., 1, D) float32, a copy
+    s[..., :s.shape[-1] // 2].neg_()                        # (-sin_1, sin_2)
+    return c, s
+
+
+def rotary_fast(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x (..., H, D) rotated in place by the rows c, s (..., 1, D) of `rotary_rows`; returns x.
+    The same numbers as `rotary_ref` (tests/test_cpu_fast_path.py) in 4 ops for float32 x
+    (flip, mul, mul, add; the reference takes ~12): the half swap is one flip of the
+    (2, D/2) view, the sign lives in s, and float32 x is updated in place, without a copy."""
+    D = x.shape[-1]
+    xf = x if x.dtype == torch.float32 else x.float()       # (..., H, D) float32
+    swapped = xf.unflatten(-1, (2, D // 2)).flip(-2).flatten(-2)   # (x2, x1), a new tensor
+    swapped.mul_(s)                                         # (-x2 sin, x1 sin) = rotate_half(x) sin
+    out = xf.mul_(c).add_(swapped)                          # x cos + rotate_half(x) sin
+    if out is not x:
+        x.copy_(out)                                        # back in x's dtype (bf16: rounded)
     return x
 
 

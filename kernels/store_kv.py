@@ -9,15 +9,19 @@ ModelRunner computes each new token's slot from its sequence's block table (`slo
 Slot -1 marks a padding token (a CUDA graph padded to a fixed batch): it is skipped.
 
     store_kv_ref     PyTorch: index_copy_ of the valid rows (one host sync to drop padding)
+    check_slots      the padding check alone, done once per step for every layer (CPU engine)
+    store_kv_checked PyTorch on checked slots: two index_copy_, no sync (the CPU engine's path)
     store_kv_triton  Triton: one program per token, padding skipped on the device (no sync)
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 
 from kernels._triton import require_triton, tl, triton
 
-__all__ = ["store_kv_ref", "store_kv_triton"]
+__all__ = ["CheckedSlots", "check_slots", "store_kv_checked", "store_kv_ref", "store_kv_triton"]
 
 
 def store_kv_ref(
@@ -41,6 +45,35 @@ def store_kv_ref(
     # silently writing into a copy.
     k_cache.view(-1, Hkv, D).index_copy_(0, slots, k.to(k_cache.dtype))  # (num_blocks * block_size, Hkv, D)
     v_cache.view(-1, Hkv, D).index_copy_(0, slots, v.to(v_cache.dtype))  # (num_blocks * block_size, Hkv, D)
+
+
+class CheckedSlots(NamedTuple):
+    """A step's slot_mapping with its padding resolved: every layer writes the same slots, so
+    the CPU engine checks them once per step (`check_slots`), not once per layer."""
+    slots: torch.Tensor  # (n,) int64 slots to write, all >= 0
+    rows: Optional[torch.Tensor]  # (n,) int64: the new tokens they belong to; None = all N
+
+
+def check_slots(slot_mapping: torch.Tensor) -> CheckedSlots:
+    """slot_mapping (N,) int32/int64, -1 = padding -> CheckedSlots (one host sync)."""
+    valid = slot_mapping >= 0  # (N,) bool
+    slots = slot_mapping.long()  # (N,)
+    if bool(valid.all()):
+        return CheckedSlots(slots, None)
+    rows = valid.nonzero().squeeze(1)  # (n,) the tokens that are not padding
+    return CheckedSlots(slots[rows], rows)
+
+
+def store_kv_checked(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, checked: CheckedSlots) -> None:
+    """`store_kv_ref` with the slots checked beforehand: the same writes, no host sync."""
+    _, Hkv, D = k.shape
+    if checked.rows is not None:  # drop padding tokens
+        k, v = k[checked.rows], v[checked.rows]  # (n, Hkv, D) x2
+    if k.dtype != k_cache.dtype:
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    k_cache.view(-1, Hkv, D).index_copy_(0, checked.slots, k)  # (num_blocks * block_size, Hkv, D)
+    v_cache.view(-1, Hkv, D).index_copy_(0, checked.slots, v)
 
 
 @triton.jit

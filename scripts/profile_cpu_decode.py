@@ -3,7 +3,9 @@
     python scripts/profile_cpu_decode.py --dtype bf16 --batch 1 32 --context 128 --steps 16
 
 Prompts of `context` tokens are prefilled, then `steps` engine steps (all decode) are timed
-and profiled; prints ms per step, tok/s and the top ops by self CPU time.
+and profiled; prints ms per step, tok/s, the top ops by self CPU time and the op counts: every
+aten op call the profiler saw (nested ones included, key_averages' calls summed) per step, and
+per decoder layer (the calls under one layer's `record_function` range).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import argparse
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from labkit.config import EngineConfig, GenerationConfig
 from labkit.engine.engine import LLMEngine
@@ -41,6 +43,26 @@ def decode_steps(eng, batch: int, context: int, steps: int, prof: bool):
     return dt, p
 
 
+def op_counts(p, steps: int) -> tuple[float, float]:
+    """(aten ops per step, aten ops per decoder layer) from a profile of `steps` steps."""
+    per_step = sum(e.count for e in p.key_averages() if e.key.startswith("aten::")) / steps
+
+    def below(ev):                                   # aten calls nested under an event
+        return sum(c.name.startswith("aten::") + below(c) for c in ev.cpu_children)
+    layers = [e for e in p.events() if e.name == "decoder_layer"]
+    per_layer = sum(below(e) for e in layers) / max(len(layers), 1)
+    return per_step, per_layer
+
+
+def count_layers(eng) -> None:
+    """Wrap each decoder layer's forward in a profiler range, so its ops can be counted."""
+    for layer in eng.model.layers:
+        def fwd(*args, _f=layer.forward, **kw):
+            with record_function("decoder_layer"):
+                return _f(*args, **kw)
+        layer.forward = fwd
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -59,6 +81,8 @@ def main():
                                           session_len=a.context + a.steps + 16,
                                           cache_max_entry_count=0.5, enable_prefix_caching=False))
     print(f"{eng.dtype} threads {torch.get_num_threads()}")
+    if not a.no_profile and not a.compile:
+        count_layers(eng)
     if a.compile:                      # attention's host sync splits each layer in two graphs
         eager = [layer.forward for layer in eng.model.layers]
         compiled = [torch.compile(f, dynamic=True) for f in eager]
@@ -81,6 +105,8 @@ def main():
         dt, p = decode_steps(eng, b, a.context, a.steps, not a.no_profile)
         if p is not None:
             print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top))
+            per_step, per_layer = op_counts(p, a.steps)
+            print(f"batch {b:3d}: {per_step:.0f} aten ops per step, {per_layer:.0f} per decoder layer")
         print(f"batch {b:3d}  context {a.context}: {dt * 1e3:7.2f} ms/step  {b / dt:8.1f} tok/s")
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ class AttentionMetadata:
     decode_splits: Optional[int] = None  # split-KV factor of the decode kernel (None: its choice)
     rope_lens: Optional[torch.Tensor] = None   # (N,) int32 rope length of each token's sequence
     rope_tables: Optional[tuple] = None  # (cos, sin) (N, D) built from rope_lens by the model
+    # once per forward, read by every layer (set by backend.begin_forward; None: not prepared)
+    kv_slots: Optional[Any] = None       # slot_mapping checked for padding (kernels/store_kv.py)
+    decode_plan: Optional[Any] = None    # where each sequence's K/V are (paged_decode_batched.py)
 
 
 def logn_table(max_positions: int, trained_len: int, device=None) -> torch.Tensor:
@@ -90,7 +93,8 @@ class Attention(nn.Module):
             return self._dense_causal(q, k, v)
         if isinstance(self.k_cache, QuantKVCache):
             return self._quantized(q, k, v, metadata)
-        self.backend.store_kv(k, v, self.k_cache, self.v_cache, metadata.slot_mapping)
+        slots = metadata.slot_mapping if metadata.kv_slots is None else metadata.kv_slots
+        self.backend.store_kv(k, v, self.k_cache, self.v_cache, slots)
         if metadata.is_prefill:
             return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, metadata, self.scale)
         return self.backend.decode(q, self.k_cache, self.v_cache, metadata, self.scale)

@@ -8,6 +8,12 @@ the paged-attention ops) calls `self.backend.<op>`. Two backends share one inter
 
 `LlamaForCausalLM.set_backend` hands one backend to every layer. This is the seam to replace
 when you write your own kernel: subclass a backend and override one op.
+
+Work that is the same for every layer of a forward is done once, before the layers:
+`begin_forward` (the cache slots checked for padding, the decode batch's gather plan) and
+`rope_step` (RoPE's cos/sin rows of the step's positions). On a CPU a decode step is mostly
+small ops, so doing these 30 times was a real share of it (docs/PERF.md, "fewer eager ops");
+the Triton kernels take the raw inputs, so there both are pass-throughs.
 """
 from __future__ import annotations
 
@@ -16,9 +22,12 @@ import torch.nn.functional as F
 
 import kernels as K
 from kernels.kv_quant import store_kv_quant_ref
-from kernels.paged_decode_batched import paged_decode_batched
+from kernels.paged_decode_batched import decode_plan, paged_decode_batched, paged_decode_planned
 from kernels.paged_decode_quant import paged_decode_quant_ref
 from kernels.paged_prefill_quant import paged_prefill_quant_ref
+from kernels.rms_norm import rms_norm_fast
+from kernels.rotary import rotary_fast, rotary_rows
+from kernels.store_kv import CheckedSlots, check_slots, store_kv_checked
 from labkit.layers.backend_quant import TritonKVQuantOps
 from labkit.layers.cpu_linear import cpu_linear
 
@@ -31,16 +40,36 @@ class TorchBackend:
         return cpu_linear(x, weight, bias)        # F.linear, or oneDNN's for bf16 on a CPU
 
     def rms_norm(self, x, weight, eps, residual=None):
-        return K.rms_norm_ref(x, weight, eps, residual)
+        return rms_norm_fast(x, weight, eps, residual)     # rms_norm_ref's numbers, fewer ops
 
     def rotary(self, x, positions, cos, sin):
         return K.rotary_ref(x, positions, cos, sin)
 
+    def rope_step(self, positions, cos, sin):
+        """Once per forward: what `rotary_step` needs for these positions (every layer's)."""
+        return rotary_rows(positions, cos, sin)            # (c, s) rows, (..., 1, D) each
+
+    def rotary_step(self, x, step):
+        return rotary_fast(x, *step)                       # rotary_ref's numbers, fewer ops
+
     def silu_and_mul(self, x):
         return K.silu_and_mul_ref(x)
 
+    def begin_forward(self, md, k_cache) -> None:
+        """Once per forward, before the layers (k_cache: any layer's, for its block size): check
+        the slots for padding (the one host sync of store_kv) and plan the decode gather."""
+        md.kv_slots = md.decode_plan = None
+        if not torch.is_tensor(k_cache):      # an int8/int4 cache: the quantized ops as they are
+            return
+        md.kv_slots = check_slots(md.slot_mapping)
+        if not md.is_prefill:
+            md.decode_plan = decode_plan(md.block_tables, md.context_lens, k_cache.shape[1])
+
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        K.store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        if isinstance(slot_mapping, CheckedSlots):         # checked by begin_forward
+            store_kv_checked(k, v, k_cache, v_cache, slot_mapping)
+        else:
+            K.store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
     def prefill(self, q, k, v, k_cache, v_cache, md, scale):
         return K.paged_prefill_ref(q, k, v, k_cache, v_cache, md.block_tables, md.cu_seqlens_q,
@@ -49,6 +78,9 @@ class TorchBackend:
     def decode(self, q, k_cache, v_cache, md, scale):
         # the whole batch in one attention call (kernels/paged_decode_batched.py); the
         # per-sequence loop of K.paged_decode_ref costs most of a CPU step at batch > 1
+        plan = md.decode_plan                              # made by begin_forward
+        if plan is not None and plan.block_size == k_cache.shape[1]:
+            return paged_decode_planned(q, k_cache, v_cache, plan, scale)
         return paged_decode_batched(q, k_cache, v_cache, md.block_tables, md.context_lens, scale)
 
     # int8/int4 KV cache (quant_policy 8/4): k_cache, v_cache are kernels.kv_quant.QuantKVCache
@@ -82,6 +114,15 @@ class TritonBackend(TritonKVQuantOps, TorchBackend):
         flat = x.reshape(-1, *x.shape[-2:]) if x.dim() > 3 else x      # (N, H, D) view
         K.rotary_triton(flat, positions.reshape(-1), cos, sin)
         return x
+
+    def rope_step(self, positions, cos, sin):
+        return positions, cos, sin                  # the kernel gathers its rows itself
+
+    def rotary_step(self, x, step):
+        return self.rotary(x, *step)
+
+    def begin_forward(self, md, k_cache) -> None:
+        """Nothing to share: the kernels skip padding on the device and need no plan."""
 
     def silu_and_mul(self, x):
         return K.silu_and_mul_triton(x)

@@ -99,10 +99,19 @@ class RotaryEmbedding(nn.Module):
                                         self.scaling_factor), self.base)             # (N,)
         return _cos_sin(rope_angles(self.head_dim, positions, b))
 
-    def forward(self, positions: torch.Tensor, qk: torch.Tensor, tables=None) -> torch.Tensor:
-        """qk (..., Hq+Hkv, D) with positions' leading dims, rotated in place; returns qk.
-        `tables`: per-token (cos, sin) from `tables_for` (a step with a scaled sequence)."""
+    def step(self, positions: torch.Tensor, tables=None):
+        """This forward's RoPE inputs, prepared once for every layer (`backend.rope_step`: the
+        CPU gathers the cos/sin rows of the positions here, not in each layer). `tables`:
+        per-token (cos, sin) from `tables_for` (a step with a scaled sequence)."""
         if tables is None:
-            return self.backend.rotary(qk, positions, self.cos, self.sin)
+            return self.backend.rope_step(positions, self.cos, self.sin)
         rows = torch.arange(positions.numel(), device=positions.device).view(positions.shape)
-        return self.backend.rotary(qk, rows, *tables)
+        return self.backend.rope_step(rows, *tables)
+
+    def forward(self, positions: torch.Tensor, qk: torch.Tensor, tables=None,
+                step=None) -> torch.Tensor:
+        """qk (..., Hq+Hkv, D) with positions' leading dims, rotated in place; returns qk.
+        `step`: this forward's `self.step(positions, tables)`, made once by the model."""
+        if step is None:
+            step = self.step(positions, tables)
+        return self.backend.rotary_step(qk, step)

@@ -47,11 +47,13 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.hq, self.hkv, self.d)
         self.rope, self.logn = rope, logn      # position tables shared by every layer
 
-    def forward(self, h, positions, md: AttentionMetadata | None):
+    def forward(self, h, positions, md: AttentionMetadata | None, rope=None):
+        """rope: this forward's `RotaryEmbedding.step`, shared by the layers (None: make it)."""
         lead = h.shape[:-1]                                          # (N,) or (B, L)
         qkv = self.w_qkv(h).view(*lead, self.hq + 2 * self.hkv, self.d)  # (..., hq+2hkv, D)
         # q and k heads are rotated together, in place (one RoPE pass); v is left as it is
-        self.rope(positions, qkv[..., :self.hq + self.hkv, :], md.rope_tables if md else None)
+        self.rope(positions, qkv[..., :self.hq + self.hkv, :], md.rope_tables if md else None,
+                  step=rope)
         q, k, v = qkv.split([self.hq, self.hkv, self.hkv], -2)       # (..., h*, D) views
         if self.logn.enabled:                                        # use_logn_attn
             self.logn(positions, q)                                  # q *= log_T(p + 1) past T
@@ -81,13 +83,14 @@ class LlamaLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = LlamaMLP(cfg, tp)
 
-    def forward(self, x, residual, positions, md: AttentionMetadata | None):
-        """x: the previous sublayer's output; residual: the stream before it (None at layer 0)."""
+    def forward(self, x, residual, positions, md: AttentionMetadata | None, rope=None):
+        """x: the previous sublayer's output; residual: the stream before it (None at layer 0);
+        rope: this forward's RoPE step (`RotaryEmbedding.step`), None to make it here."""
         if residual is None:
             h, residual = self.attention_norm(x), x
         else:
             h, residual = self.attention_norm(x, residual)           # (..., H) x2
-        x = self.attention(h, positions, md)
+        x = self.attention(h, positions, md, rope)
         h, residual = self.ffn_norm(x, residual)
         return self.feed_forward(h), residual
 
@@ -179,9 +182,14 @@ class LlamaForCausalLM(nn.Module):
     def hidden_states(self, input_ids, positions, metadata):
         if metadata is not None and metadata.rope_lens is not None:     # a scaled sequence: its
             metadata.rope_tables = self.rope.tables_for(positions, metadata.rope_lens)  # own base
+        # what is the same in every layer, once: RoPE's rows of these positions, the checked
+        # cache slots and the decode gather plan (labkit/layers/backend.py, begin_forward)
+        rope = self.rope.step(positions, metadata.rope_tables if metadata is not None else None)
+        if metadata is not None:
+            self.backend.begin_forward(metadata, self.layers[0].attention.attn.k_cache)
         x, residual = self.tok_embeddings(input_ids), None              # (..., H)
         for layer in self.layers:
-            x, residual = layer(x, residual, positions, metadata)
+            x, residual = layer(x, residual, positions, metadata, rope)
         return self.norm(x, residual)[0]                                 # (..., H)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
