@@ -87,14 +87,17 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | QuantKVCache | None = None
         self.v_cache: torch.Tensor | QuantKVCache | None = None
 
-    def forward(self, q, k, v, metadata: AttentionMetadata | None = None) -> torch.Tensor:
-        """q (..., Hq, D), k/v (..., Hkv, D) -> (..., Hq, D)."""
+    def forward(self, q, k, v, metadata: AttentionMetadata | None = None,
+                kv_stored: bool = False) -> torch.Tensor:
+        """q (..., Hq, D), k/v (..., Hkv, D) -> (..., Hq, D). kv_stored: k/v are in the cache
+        already (the backend fused store_kv into RoPE)."""
         if metadata is None:
             return self._dense_causal(q, k, v)
         if isinstance(self.k_cache, QuantKVCache):
             return self._quantized(q, k, v, metadata)
         slots = metadata.slot_mapping if metadata.kv_slots is None else metadata.kv_slots
-        self.backend.store_kv(k, v, self.k_cache, self.v_cache, slots)
+        if not kv_stored:
+            self.backend.store_kv(k, v, self.k_cache, self.v_cache, slots)
         if metadata.is_prefill:
             return self.backend.prefill(q, k, v, self.k_cache, self.v_cache, metadata, self.scale)
         return self.backend.decode(q, self.k_cache, self.v_cache, metadata, self.scale)

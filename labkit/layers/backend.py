@@ -55,6 +55,23 @@ class TorchBackend:
     def silu_and_mul(self, x):
         return K.silu_and_mul_ref(x)
 
+    # Pairs a backend may run as one kernel (the Triton one does for decode batches). Here,
+    # the two steps: these are the definitions the fused kernels are tested against.
+    def norm_linear(self, x, residual, norm, linear):
+        """(linear(norm(x + residual)), x + residual): a pre-norm and the projection after it
+        (residual None at layer 0: (linear(norm(x)), x))."""
+        h, residual = (norm(x), x) if residual is None else norm(x, residual)
+        return linear(h), residual
+
+    def silu_mul_linear(self, gate_up, linear):
+        """linear(silu(gate) * up): the MLP's down projection of its gate."""
+        return linear(self.silu_and_mul(gate_up))
+
+    def rope_store_kv(self, qkv, rope_step, attn, md) -> bool:
+        """RoPE on q, k and k, v into the cache in one go; False: not done here, the caller
+        runs the two steps (RotaryEmbedding, then Attention's store_kv)."""
+        return False
+
     def begin_forward(self, md, k_cache) -> None:
         """Once per forward, before the layers (k_cache: any layer's, for its block size): check
         the slots for padding (the one host sync of store_kv) and plan the decode gather."""
@@ -126,6 +143,38 @@ class TritonBackend(TritonKVQuantOps, TorchBackend):
 
     def silu_and_mul(self, x):
         return K.silu_and_mul_triton(x)
+
+    # Fusions, each measured on the decode step (scripts/gpu_fusion_ab.py, docs/PERF.md):
+    # RoPE + store_kv as one kernel (kernels/rope_store_kv.py), and for decode batches
+    # (<= SMALL_M rows, 16-bit, a dense Linear) the norm or the SiLU gate in the skinny
+    # matmul's load of x (kernels/gemv.py). Class attributes, so an experiment can switch one.
+    fuse_rope_store_kv = True
+    fuse_norm_linear = False      # slower at Llama-2-7B's shapes on an H200 (PERF.md)
+    fuse_silu_mul_linear = False
+
+    def _gemv_fusable(self, x, linear) -> bool:
+        w = getattr(linear, "weight", None)          # a W4A16Linear has none: its own kernels
+        return (x.is_cuda and x.dtype != torch.float32 and x.numel() // x.shape[-1] <= K.SMALL_M
+                and torch.is_tensor(w) and w.dtype == x.dtype and linear.bias is None)
+
+    def norm_linear(self, x, residual, norm, linear):
+        if not (self.fuse_norm_linear and self._gemv_fusable(x, linear)):
+            return super().norm_linear(x, residual, norm, linear)
+        return K.rms_norm_linear_triton(x, residual, norm.weight, norm.eps, linear.weight)
+
+    def silu_mul_linear(self, gate_up, linear):
+        if not (self.fuse_silu_mul_linear and self._gemv_fusable(gate_up, linear)):
+            return super().silu_mul_linear(gate_up, linear)
+        return K.silu_mul_linear_triton(gate_up, linear.weight)
+
+    def rope_store_kv(self, qkv, rope_step, attn, md) -> bool:
+        if not self.fuse_rope_store_kv or md is None or not torch.is_tensor(attn.k_cache):
+            return False                             # no cache, or an int8/int4 one
+        positions, cos, sin = rope_step
+        K.rope_store_kv_triton(qkv.reshape(-1, *qkv.shape[-2:]), positions.reshape(-1), cos, sin,
+                               attn.k_cache, attn.v_cache, md.slot_mapping, attn.num_heads,
+                               attn.num_kv_heads)
+        return True
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
         K.store_kv_triton(k, v, k_cache, v_cache, slot_mapping)

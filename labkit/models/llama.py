@@ -46,18 +46,28 @@ class LlamaAttention(nn.Module):
         self.wo = Linear(self.hq * self.d, cfg.hidden_size)
         self.attn = Attention(self.hq, self.hkv, self.d)
         self.rope, self.logn = rope, logn      # position tables shared by every layer
+        self.backend = TORCH
 
     def forward(self, h, positions, md: AttentionMetadata | None, rope=None):
-        """rope: this forward's `RotaryEmbedding.step`, shared by the layers (None: make it)."""
-        lead = h.shape[:-1]                                          # (N,) or (B, L)
-        qkv = self.w_qkv(h).view(*lead, self.hq + 2 * self.hkv, self.d)  # (..., hq+2hkv, D)
-        # q and k heads are rotated together, in place (one RoPE pass); v is left as it is
-        self.rope(positions, qkv[..., :self.hq + self.hkv, :], md.rope_tables if md else None,
-                  step=rope)
+        """The attention sublayer: h (..., H) normed input -> (..., H)."""
+        return self.attend(self.w_qkv(h), positions, md, rope)
+
+    def attend(self, qkv, positions, md: AttentionMetadata | None, rope=None):
+        """From w_qkv's output on (LlamaLayer runs the projection itself, so that a backend can
+        fuse the norm into it); rope: this forward's `RotaryEmbedding.step`, shared by the layers."""
+        lead = qkv.shape[:-1]                                        # (N,) or (B, L)
+        qkv = qkv.view(*lead, self.hq + 2 * self.hkv, self.d)        # (..., hq+2hkv, D)
+        if rope is None:
+            rope = self.rope.step(positions, md.rope_tables if md else None)
+        # q and k heads are rotated together, in place (one RoPE pass); v is left as it is.
+        # A backend may also write k and v into the cache in the same kernel.
+        stored = self.backend.rope_store_kv(qkv, rope, self.attn, md)
+        if not stored:
+            self.rope(positions, qkv[..., :self.hq + self.hkv, :], step=rope)
         q, k, v = qkv.split([self.hq, self.hkv, self.hkv], -2)       # (..., h*, D) views
         if self.logn.enabled:                                        # use_logn_attn
             self.logn(positions, q)                                  # q *= log_T(p + 1) past T
-        o = self.attn(q, k, v, md).reshape(*lead, self.hq * self.d)  # (..., hq*D)
+        o = self.attn(q, k, v, md, kv_stored=stored).reshape(*lead, self.hq * self.d)  # (..., hq*D)
         return _all_reduce(self.wo(o), self.tp)                      # (..., H)
 
 
@@ -71,8 +81,13 @@ class LlamaMLP(nn.Module):
         self.backend = TORCH
 
     def forward(self, h):
-        act = self.backend.silu_and_mul(self.w13(h))                 # (..., I/tp)
-        return _all_reduce(self.w2(act), self.tp)                    # (..., H)
+        """The MLP sublayer: h (..., H) normed input -> (..., H)."""
+        return self.down(self.w13(h))                                # (..., 2I/tp) in between
+
+    def down(self, gate_up):
+        """From w13's output on (LlamaLayer runs the projection itself, so that a backend can
+        fuse the norm into it): w2(silu(gate) * up), the gate in w2's kernel where it can be."""
+        return _all_reduce(self.backend.silu_mul_linear(gate_up, self.w2), self.tp)  # (..., H)
 
 
 class LlamaLayer(nn.Module):
@@ -82,17 +97,17 @@ class LlamaLayer(nn.Module):
         self.attention = LlamaAttention(cfg, tp, rope, logn)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = LlamaMLP(cfg, tp)
+        self.backend = TORCH
 
     def forward(self, x, residual, positions, md: AttentionMetadata | None, rope=None):
         """x: the previous sublayer's output; residual: the stream before it (None at layer 0);
         rope: this forward's RoPE step (`RotaryEmbedding.step`), None to make it here."""
-        if residual is None:
-            h, residual = self.attention_norm(x), x
-        else:
-            h, residual = self.attention_norm(x, residual)           # (..., H) x2
-        x = self.attention(h, positions, md, rope)
-        h, residual = self.ffn_norm(x, residual)
-        return self.feed_forward(h), residual
+        qkv, residual = self.backend.norm_linear(x, residual, self.attention_norm,
+                                                 self.attention.w_qkv)      # (..., (hq+2hkv)D), (..., H)
+        x = self.attention.attend(qkv, positions, md, rope)
+        gate_up, residual = self.backend.norm_linear(x, residual, self.ffn_norm,
+                                                     self.feed_forward.w13)  # (..., 2I), (..., H)
+        return self.feed_forward.down(gate_up), residual
 
 
 class Embedding(nn.Module):
