@@ -26,16 +26,17 @@ def app_and_engine():
 
 
 def _fail_after(engine, steps: int):
-    """Make the model runner raise from the (steps+1)-th call on; returns the undo."""
-    run, calls = engine.runner.run, {"n": 0}
+    """Make the model runner's launch (what LLMEngine.step calls) raise from the (steps+1)-th
+    call on; returns the undo."""
+    launch, calls = engine.runner.launch, {"n": 0}
 
-    def flaky(batch):
+    def flaky(batch, **kw):
         calls["n"] += 1
         if calls["n"] > steps:
             raise RuntimeError("simulated device failure")
-        return run(batch)
-    engine.runner.run = flaky
-    return lambda: setattr(engine.runner, "run", run)
+        return launch(batch, **kw)
+    engine.runner.launch = flaky
+    return lambda: setattr(engine.runner, "launch", launch)
 
 
 def test_error_after_the_stream_began_is_an_error_event_then_done(app_and_engine):
