@@ -1,8 +1,8 @@
-"""W4A16 on the CPU for decode: PyTorch's int4 CPU matmul instead of "dequantize, then F.linear".
+"""W4A16 on the CPU: PyTorch's int4 CPU matmul instead of "dequantize, then F.linear".
 
 The reference (kernels/w4a16.py, `w4a16_linear_ref`) turns the whole weight back into floats
-on every call: for a decode step that moves more bytes than the float weight it replaces, so a
-4-bit workspace decoded slower than the float one. PyTorch ships an int4 matmul for the CPU
+on every call: that moves more bytes than the float weight it replaces, so a 4-bit workspace
+ran slower than the float one. PyTorch ships an int4 matmul for the CPU
 (`aten._weight_int4pack_mm_for_cpu`, the CPU sibling of the GPU "tinygemm" kernel that torchao's
 int4 weight-only mode uses): the codes are repacked once into its own layout, activations are
 bf16, and each group is dequantized inside the kernel, in registers.
@@ -15,12 +15,22 @@ Its zero point is a float added after scaling, around a fixed centre of 8:
 scales and zeros are bf16 there, like x: the product is a bf16 product (what "A16" means), equal
 to the reference in bf16 up to rounding (relative error ~4e-3 on random data, tests/test_w4a16_cpu.py).
 
-When it is used (labkit/layers/linear.py, W4A16Linear): x on the CPU in bf16, at most
-`CPU_MAX_ROWS` rows (decode), N a multiple of 16 (the kernel's packing). Measured on a 2 vCPU
-AVX2 EPYC, torch 2.13, N=3072 K=576 G=64: 141 us at M=1 (fp32 F.linear: 190 us with the weight
-in cache, ~590 us streaming it from memory as a decode step does), 545 us at M=8, and 2x slower
-than fp32 F.linear from M=64 on: prefill keeps the reference. fp32 engines keep the reference
-too (exact, what the parity tests compare).
+When it is used (labkit/layers/linear.py, W4A16Linear): x on the CPU in bf16, any number of
+rows, N a multiple of 16 (the kernel's packing). fp32 engines keep the reference (exact, what
+the parity tests compare). Measured on a 2 vCPU AVX2 EPYC (bf16 emulated), torch 2.13, 2 threads,
+G=64, against the reference it replaces (dequantize the whole weight, then F.linear):
+
+    N x K         M = 1-8      32        256        2048
+    3072 x 576    0.6 ms       2.5       19.7       201      kernel
+                  15.3         21.1      75.8       466      reference
+    576 x 1536    0.4          1.7       9.9        75       kernel
+                  2.1          5.4       25.5       185      reference
+
+The reference pays for its dequantization (~8 full-size tensor ops per call, 3-11 ms for the
+3072 x 576 weight) at every M, so the kernel wins at every size measured, prefill chunks
+included (scripts/cpu_w4a16_rows.py; docs/PERF.md). (An earlier version used the kernel only up to 8 rows, comparing it with F.linear on
+the dense fp32 weight instead of the reference: an int4 workspace then ran its decode batches
+of 9+ rows and its prefill through the reference, 3.4x slower than fp32 on the mixed workload.)
 
     supported(qweight, group_size)                        can this weight take the fast path
     pack_for_cpu(qweight, scales, zeros, group_size)      -> (packed, scales_and_zeros), once
@@ -32,9 +42,8 @@ import torch
 
 from kernels.w4a16 import unpack_int4
 
-__all__ = ["CPU_MAX_ROWS", "AVAILABLE", "supported", "pack_for_cpu", "w4a16_linear_cpu"]
+__all__ = ["AVAILABLE", "supported", "pack_for_cpu", "w4a16_linear_cpu"]
 
-CPU_MAX_ROWS = 8      # above this the kernel loses to dequantize + F.linear (measured above)
 AVAILABLE = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
     hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 

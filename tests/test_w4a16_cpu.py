@@ -56,13 +56,14 @@ def _layer(N, K, G, seed, dtype=torch.bfloat16):
     return layer.to(dtype)
 
 
-def test_w4a16_linear_takes_the_cpu_kernel_for_bf16_decode_only(monkeypatch):
+def test_w4a16_linear_takes_the_cpu_kernel_for_bf16_rows(monkeypatch):
     calls = []
     real = w4a16_cpu.w4a16_linear_cpu
     monkeypatch.setattr(w4a16_cpu, "w4a16_linear_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
     layer = _layer(64, 128, 64, seed=1)
     for rows, dtype, fast in [(1, torch.bfloat16, True), (8, torch.bfloat16, True),
-                              (9, torch.bfloat16, False), (1, torch.float32, False)]:
+                              (9, torch.bfloat16, True), (300, torch.bfloat16, True),
+                              (1, torch.float32, False)]:
         calls.clear()
         x = torch.randn(rows, 128).to(dtype)
         y = _layer(64, 128, 64, seed=1, dtype=dtype)(x) if dtype != torch.bfloat16 else layer(x)

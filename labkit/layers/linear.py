@@ -43,8 +43,8 @@ class W4A16Linear(nn.Module):
     """y = x W^T (+ b) with W held as 4-bit codes (kernels/w4a16.py has the layout):
     qweight (out, in/2) uint8, scales (out, in/G) in the model dtype, zeros (out, in/G) uint8.
     On CUDA a decode batch of 1-4 rows runs the W4A16 GEMV (kernels/w4a16_gemv.py) on a copy of
-    the codes repacked once into its "planes" layout, larger batches the tensor-core kernel; a
-    bf16 decode batch on the CPU runs PyTorch's int4 CPU kernel on a copy repacked for it
+    the codes repacked once into its "planes" layout, larger batches the tensor-core kernel; bf16
+    rows on the CPU (decode and prefill) run PyTorch's int4 CPU kernel on a copy repacked for it
     (kernels/w4a16_cpu.py); everything else the reference: dequantize the whole weight, multiply.
     The repacked copies are made at load (pack_w4a16_copies) and again if a tensor changes."""
 
@@ -63,7 +63,7 @@ class W4A16Linear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if x.is_cuda and HAS_TRITON and rows <= w4a16_gemv.GEMV_MAX_ROWS:
             return w4a16_gemv.w4a16_gemv_triton(x, self._repacked("gpu"), self.bias)
-        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows <= w4a16_cpu.CPU_MAX_ROWS
+        if (x.device.type == "cpu" and x.dtype == torch.bfloat16
                 and w4a16_cpu.supported(self.qweight, self.group_size)):
             return w4a16_cpu.w4a16_linear_cpu(x, *self._repacked("cpu"), self.group_size, self.bias)
         return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
