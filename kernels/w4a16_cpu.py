@@ -20,7 +20,7 @@ rows, N a multiple of 16 (the kernel's packing). fp32 engines keep the reference
 the parity tests compare). Measured on a 2 vCPU AVX2 EPYC (bf16 emulated), torch 2.13, 2 threads,
 G=64, against the reference it replaces (dequantize the whole weight, then F.linear):
 
-    N x K         M = 1-8      32        256        2048
+    N x K         M = 8        32        256        2048
     3072 x 576    0.6 ms       2.5       19.7       201      kernel
                   15.3         21.1      75.8       466      reference
     576 x 1536    0.4          1.7       9.9        75       kernel
@@ -28,9 +28,8 @@ G=64, against the reference it replaces (dequantize the whole weight, then F.lin
 
 The reference pays for its dequantization (~8 full-size tensor ops per call, 3-11 ms for the
 3072 x 576 weight) at every M, so the kernel wins at every size measured, prefill chunks
-included (scripts/cpu_w4a16_rows.py; docs/PERF.md). (An earlier version used the kernel only up to 8 rows, comparing it with F.linear on
-the dense fp32 weight instead of the reference: an int4 workspace then ran its decode batches
-of 9+ rows and its prefill through the reference, 3.4x slower than fp32 on the mixed workload.)
+included (scripts/cpu_w4a16_rows.py; docs/PERF.md). An earlier version stopped at 8 rows,
+having compared the kernel with F.linear on the dense fp32 weight instead of the reference.
 
     supported(qweight, group_size)                        can this weight take the fast path
     pack_for_cpu(qweight, scales, zeros, group_size)      -> (packed, scales_and_zeros), once

@@ -178,7 +178,7 @@ class LlamaForCausalLM(nn.Module):
         load_weights(model, tensors)
         del tensors
         from labkit.layers.linear import pack_w4a16_copies
-        pack_w4a16_copies(model)                  # int4 weights: the decode kernels' copies
+        pack_w4a16_copies(model)                  # int4 weights: the fast kernels' copies
         if torch.device(device).type == "cuda":   # a rank's shard was copied out of full-size
             torch.cuda.empty_cache()              # tensors: give their memory back before the
         return model.eval()                       # KV cache is sized from what is free
