@@ -8,8 +8,8 @@ Triton kernel with its launcher (`*_triton`) that has the same signature and con
     rotary(x, positions, cos, sin)                           RoPE on q and k, in place
     silu_and_mul(x)                                          SwiGLU's silu(gate) * up
     linear(x, w)                                             x @ w^T, skinny (M <= 16) kernel
-    rms_norm_linear(x, residual, norm_w, eps, w)             RMSNorm fused into that kernel
-    silu_mul_linear(gate_up, w)                              SiLU-and-mul fused into it
+    rms_norm_linear(x, residual, norm_w, eps, w, gated)      RMSNorm fused into that kernel
+    linear_silu(x, w13)                                      its SiLU-and-mul epilogue (SwiGLU)
     rope_store_kv(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, hq, hkv)
                                                              rotary + store_kv in one kernel
 
@@ -19,7 +19,7 @@ layout; labkit/layers/backend.py picks one implementation per device.
 """
 from kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from kernels.gemv import (SMALL_M, linear_ref, linear_small_m_triton, rms_norm_linear_ref,
-                          rms_norm_linear_triton, silu_mul_linear_ref, silu_mul_linear_triton)
+                          rms_norm_linear_triton, linear_silu_ref, linear_silu_triton)
 from kernels.paged_decode import paged_decode_ref, paged_decode_triton
 from kernels.paged_kv import gather_kv
 from kernels.paged_prefill import paged_prefill_ref, paged_prefill_triton
@@ -32,5 +32,5 @@ __all__ = ["SMALL_M", "linear_ref", "linear_small_m_triton", "gather_kv", "store
            "paged_decode_triton", "paged_prefill_ref", "paged_prefill_triton", "rms_norm_ref",
            "rms_norm_triton", "rotary_ref", "rotary_triton", "silu_and_mul_ref",
            "silu_and_mul_triton", "rms_norm_linear_ref", "rms_norm_linear_triton",
-           "silu_mul_linear_ref", "silu_mul_linear_triton", "rope_store_kv_ref",
+           "linear_silu_ref", "linear_silu_triton", "rope_store_kv_ref",
            "rope_store_kv_triton"]

@@ -56,3 +56,40 @@ def num_sms(device=None) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+# ----------------------------------------------------------------------------- PDL
+# Programmatic dependent launch (Hopper and later): a kernel launched with `launch_pdl=True`
+# may start while the kernel before it is still finishing. Its programs first issue the loads
+# that do not depend on that kernel (the weights), then `pdl_wait` blocks until the previous
+# kernel has finished and its writes are visible. At batch 1 a decode step is ~290 dependent
+# launches, so the ramp of each (launch, first DRAM round trip) is on the critical path; this
+# hides part of it (docs/PERF.md). Every read of an activation and every write comes after
+# `pdl_wait`. Module switch (an experiment can turn it off); LABKIT_PDL=0 turns it off for a
+# run, like enforce_eager for CUDA graphs.
+PDL = __import__("os").environ.get("LABKIT_PDL", "1") != "0"
+_PDL_DEVICES: dict = {}
+
+
+def pdl_launch(t) -> bool:
+    """Whether kernels working on tensor `t` launch with PDL: a CUDA device of compute
+    capability >= 9.0, compiled (not interpreted) Triton, and the switch on. Pass it as the
+    kernel's PDL and as launch_pdl."""
+    if not (PDL and HAS_TRITON and t.is_cuda) or interpreted():
+        return False
+    idx = t.device.index if t.device.index is not None else 0
+    if idx not in _PDL_DEVICES:
+        import torch
+        _PDL_DEVICES[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL_DEVICES[idx]
+
+
+@triton.jit
+def pdl_wait(ON: tl.constexpr):
+    """Wait for the previous kernel's writes, then let the next kernel launch (its programs
+    wait in turn at their own `pdl_wait`). A no-op when ON is False (a plain launch).
+    (Letting the next kernel launch before waiting, from the small kernels, was measured
+    slower: docs/PERF.md.)"""
+    if ON:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

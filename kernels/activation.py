@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import require_triton, tl, triton
+from kernels._triton import pdl_launch, pdl_wait, require_triton, tl, triton
 
 __all__ = ["silu_and_mul_ref", "silu_and_mul_triton"]
 
@@ -23,7 +23,9 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, I, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, I, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -42,6 +44,8 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((N, I), dtype=x.dtype, device=x.device)
     if N:
         block = min(1024, triton.next_power_of_2(I))
+        pdl = pdl_launch(x2)
         _silu_and_mul_kernel[(N, triton.cdiv(I, block))](x2, out, x2.stride(0), out.stride(0), I,
-                                                         BLOCK=block, num_warps=4)
+                                                         BLOCK=block, PDL=pdl,
+                                                         launch_pdl=pdl, num_warps=4)
     return out.view(*shape[:-1], I)

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from kernels._triton import num_sms, require_triton, tl, triton
+from kernels._triton import num_sms, pdl_launch, pdl_wait, require_triton, tl, triton
 from kernels.paged_kv import attend_ref, gather_kv
 
 __all__ = ["paged_decode_ref", "paged_decode_triton", "decode_num_splits"]
@@ -65,10 +65,12 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_tb, stride_ob, stride_oh,
     BLOCK_SIZE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
     GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
+    pdl_wait(PDL)                              # q and the new token's K/V: just written
     ctx = tl.load(lens_ptr + b)
     # this split's token range [start, end), whole tiles except at the end of the context
     tiles_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), NUM_SPLITS)
@@ -122,9 +124,10 @@ def _decode_kernel(
 @triton.jit
 def _reduce_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh,
                           HQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                          SPLITS_P: tl.constexpr):
+                          SPLITS_P: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
     hq = tl.program_id(1)
+    pdl_wait(PDL)
     s = tl.arange(0, SPLITS_P)                                   # (SP,)
     d = tl.arange(0, D)
     base = (b * HQ + hq) * NUM_SPLITS
@@ -162,6 +165,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
     if B == 0:
         return out
     group = Hq // Hkv
+    pdl = pdl_launch(q)
     splits = num_splits or decode_num_splits(B, Hkv, q.device)
     # (the H200 sweep at d = 64, scripts/gpu_decode_sweep.py: 64-token tiles in 2 warps and 4
     # stages win at B=256 L=600, 0.99x SDPA against 0.87x, but lose at B=32..128 L=1024 by
@@ -178,9 +182,11 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
         out.stride(0), out.stride(1),
         BLOCK_SIZE=block_size, HKV=Hkv, D=D, GROUP=group,
         GROUP_P=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=splits,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+        IEEE=q.dtype == torch.float32, PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
+        num_stages=num_stages)
     if splits > 1:
         _reduce_splits_kernel[(B, Hq)](part_out, part_lse, out, out.stride(0), out.stride(1),
                                        HQ=Hq, D=D, NUM_SPLITS=splits,
-                                       SPLITS_P=triton.next_power_of_2(splits), num_warps=4)
+                                       SPLITS_P=triton.next_power_of_2(splits), PDL=pdl,
+                                       launch_pdl=pdl, num_warps=4)
     return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import require_triton, tl, triton
+from kernels._triton import pdl_launch, pdl_wait, require_triton, tl, triton
 
 __all__ = ["rms_norm_ref", "rms_norm_fast", "rms_norm_triton"]
 
@@ -67,10 +67,12 @@ def _scalar(value: float) -> torch.Tensor:
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, stride_x, stride_r, stride_y,
                      stride_ro, eps, H: tl.constexpr, BLOCK_H: tl.constexpr,
-                     HAS_RESIDUAL: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)                # a weight: before the wait
+    pdl_wait(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -79,7 +81,6 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, stride_x, stride
     xf = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / H + eps)
     normed = (xf * inv).to(x_ptr.dtype.element_ty)                 # rounded as HF rounds it
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = w.to(tl.float32) * normed.to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -96,9 +97,10 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
     r2 = residual.reshape(-1, H) if residual is not None else x2
     if N:
         block = triton.next_power_of_2(H)
+        pdl = pdl_launch(x2)
         _rms_norm_kernel[(N,)](x2, r2, weight, y, res_out, x2.stride(0), r2.stride(0), y.stride(0),
                                res_out.stride(0), eps, H=H, BLOCK_H=block,
-                               HAS_RESIDUAL=residual is not None,
+                               HAS_RESIDUAL=residual is not None, PDL=pdl, launch_pdl=pdl,
                                num_warps=4 if block >= 2048 else (2 if block >= 512 else 1))
     y = y.view(shape)
     return y if residual is None else (y, res_out.view(shape))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import require_triton, tl, triton
+from kernels._triton import pdl_launch, pdl_wait, require_triton, tl, triton
 from kernels.rotary import rotary_ref
 from kernels.store_kv import store_kv_ref
 
@@ -48,9 +48,10 @@ def _rotate(base, stride_h, rows, mask, c, s, HALF: tl.constexpr):
 def _rope_store_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
                           stride_n, stride_h, stride_c,
                           HQ: tl.constexpr, HKV: tl.constexpr, GROUP_P: tl.constexpr,
-                          HALF: tl.constexpr):
+                          HALF: tl.constexpr, PDL: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)                                                 # the KV head
+    pdl_wait(PDL)                                    # qkv: the previous kernel's output
     group = HQ // HKV
     p = tl.load(pos_ptr + n).to(tl.int64)
     i = tl.arange(0, HALF)[None, :]                                      # (1, HALF)
@@ -81,8 +82,10 @@ def rope_store_kv_triton(qkv, positions, cos, sin, k_cache, v_cache, slot_mappin
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[-2:] == (hkv, D)
     assert cos.is_contiguous() and sin.is_contiguous()
     if N:
+        pdl = pdl_launch(qkv)
         _rope_store_kv_kernel[(N, hkv)](
             qkv, positions, cos, sin, slot_mapping, k_cache, v_cache,
             qkv.stride(0), qkv.stride(1), cos.stride(0),
-            HQ=hq, HKV=hkv, GROUP_P=triton.next_power_of_2(hq // hkv), HALF=D // 2, num_warps=1)
+            HQ=hq, HKV=hkv, GROUP_P=triton.next_power_of_2(hq // hkv), HALF=D // 2,
+            PDL=pdl, launch_pdl=pdl, num_warps=1)
     return qkv

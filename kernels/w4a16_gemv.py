@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import interpreted, num_sms, require_triton, tl, triton
+from kernels._triton import interpreted, num_sms, pdl_launch, pdl_wait, require_triton, tl, triton
 from kernels.w4a16 import check_int4_shapes, unpack_int4
 
 __all__ = ["GEMV_MAX_ROWS", "PlanesWeight", "pack_planes", "unpack_planes", "w4a16_gemv_ref",
@@ -147,7 +147,7 @@ def _load_step(w_ptrs, s_ptr, z_ptr, n, n_ok, g, g_ok, N, GW: tl.constexpr):
 def _gemv_kernel(x_ptr, qp_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
                  N, NG, GROUPS_PER_SPLIT, SPLIT, stride_xm, stride_qn, stride_ym,
                  M: tl.constexpr, GW: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr,
-                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     G: tl.constexpr = 8 * GW
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # (BN,) output features
@@ -166,6 +166,7 @@ def _gemv_kernel(x_ptr, qp_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
     # arithmetic, so every warp keeps a load in flight while it computes
     g = g_begin + gi                                                   # (GPI,)
     w_next, s_next, z_next = _load_step(w_ptrs, s_ptr, z_ptr, n, n_ok, g, g < g_end, N, GW)
+    pdl_wait(PDL)                      # the weights above went out before x was written (PDL)
     for g0 in range(g_begin, g_end, GPI):
         g = g0 + gi                                                    # (GPI,) this step's groups
         g_ok = g < g_end
@@ -317,9 +318,10 @@ def w4a16_gemv_triton(x: torch.Tensor, w: PlanesWeight, bias: torch.Tensor | Non
     split = triton.cdiv(ng, per_split)
     tiles = triton.cdiv(N, bn)
     assert tiles <= w.locks.numel()
+    pdl = pdl_launch(x2)
     part = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else y
     _gemv_kernel[(tiles, split)](
         x2, w.qplanes, w.scales_t, w.zeros_t, bias if bias is not None else y, y, part, w.locks,
         N, ng, per_split, split, x2.stride(0), w.qplanes.stride(0), y.stride(0), M=M, GW=G // 8, BLOCK_N=bn, GPI=gpi, SPLIT_K=split > 1,
-        HAS_BIAS=bias is not None, **cfg)
+        HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl, **cfg)
     return y.view(*lead, N)

@@ -1,5 +1,6 @@
-"""The skinny matmul with a fused prologue (kernels/gemv.py) against the unfused references:
-RMSNorm (with and without the residual add) and SiLU-and-mul done on x as it is loaded.
+"""The skinny matmul with fused work (kernels/gemv.py) against float64 references: RMSNorm
+(with and without the residual add) done on x as it is loaded, SwiGLU's silu(gate) * up done
+on the two accumulators (w13 = [W1 | W3]), and both at once.
 
 On CPU the kernels run in Triton's interpreter at small shapes in fp32; with a GPU (marker
 gpu) at Llama-2-7B's decode shapes in bf16. Fresh random inputs each run; K not a multiple of
@@ -11,10 +12,11 @@ import pytest
 import torch
 
 from kernels._triton import HAS_TRITON
-from kernels.activation import silu_and_mul_ref
+import torch.nn.functional as F
+
 from kernels.rms_norm import rms_norm_ref
-from kernels.gemv import (rms_norm_linear_ref, rms_norm_linear_triton, silu_mul_linear_ref,
-                          silu_mul_linear_triton)
+from kernels.gemv import (linear_silu_ref, linear_silu_triton, rms_norm_linear_ref,
+                          rms_norm_linear_triton)
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -46,15 +48,33 @@ def test_rms_norm_linear(m, n, k, with_residual):
     assert torch.equal(new_res, res_ref)              # the new residual: the rounded sum, exactly
 
 
+def _swiglu64(h, w13):
+    """silu(h @ W1^T) * (h @ W3^T) in float64."""
+    g, u = (h.double() @ w13.double().T).chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
 @pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("n,i", SHAPES)
-def test_silu_mul_linear(m, n, i):
-    gate_up = torch.randn(m, 2 * i, dtype=DTYPE, device=DEV) * 2
-    w = torch.randn(n, i, dtype=DTYPE, device=DEV) / i ** 0.5
-    got = silu_mul_linear_triton(gate_up, w)
-    act = silu_and_mul_ref(gate_up)                                              # (M, I)
-    _close(got, act.double() @ w.double().T)
-    assert got.shape == silu_mul_linear_ref(gate_up, w).shape == (m, n)
+@pytest.mark.parametrize("i,k", SHAPES)
+def test_linear_silu(m, i, k):
+    x = torch.randn(m, k, dtype=DTYPE, device=DEV)
+    w13 = torch.randn(2 * i, k, dtype=DTYPE, device=DEV) * (2 / k ** 0.5)
+    got = linear_silu_triton(x, w13)
+    _close(got, _swiglu64(x, w13))
+    assert got.shape == linear_silu_ref(x, w13).shape == (m, i)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("i,k", SHAPES[1:])
+def test_rms_norm_linear_gated(m, i, k):
+    x, res = torch.randn(m, k, dtype=DTYPE, device=DEV), torch.randn(m, k, dtype=DTYPE, device=DEV)
+    nw = torch.rand(k, dtype=DTYPE, device=DEV) + 0.5
+    w13 = torch.randn(2 * i, k, dtype=DTYPE, device=DEV) * (2 / k ** 0.5)
+    y, new_res = rms_norm_linear_triton(x, res, nw, 1e-5, w13, gated=True)
+    h_ref, res_ref = rms_norm_ref(x, nw, 1e-5, res)
+    _close(y, _swiglu64(h_ref, w13))
+    assert y.shape == rms_norm_linear_ref(x, res, nw, 1e-5, w13, gated=True)[0].shape == (m, i)
+    assert torch.equal(new_res, res_ref)
 
 
 def test_leading_dims_kept():
@@ -62,4 +82,4 @@ def test_leading_dims_kept():
     w = torch.randn(7, 40, dtype=DTYPE, device=DEV)
     y, res = rms_norm_linear_triton(x, x.clone(), torch.ones(40, dtype=DTYPE, device=DEV), 1e-6, w)
     assert y.shape == (2, 1, 7) and res.shape == x.shape
-    assert silu_mul_linear_triton(torch.randn(3, 80, dtype=DTYPE, device=DEV), w).shape == (3, 7)
+    assert linear_silu_triton(x, torch.randn(14, 40, dtype=DTYPE, device=DEV)).shape == (2, 1, 7)

@@ -63,9 +63,11 @@ class TorchBackend:
         h, residual = (norm(x), x) if residual is None else norm(x, residual)
         return linear(h), residual
 
-    def silu_mul_linear(self, gate_up, linear):
-        """linear(silu(gate) * up): the MLP's down projection of its gate."""
-        return linear(self.silu_and_mul(gate_up))
+    def norm_gate_up(self, x, residual, norm, w13):
+        """(silu(gate) * up, x + residual) with [gate | up] = w13(norm(x + residual)): the MLP
+        up to its down projection."""
+        gate_up, residual = self.norm_linear(x, residual, norm, w13)
+        return self.silu_and_mul(gate_up), residual
 
     def rope_store_kv(self, qkv, rope_step, attn, md) -> bool:
         """RoPE on q, k and k, v into the cache in one go; False: not done here, the caller
@@ -146,11 +148,12 @@ class TritonBackend(TritonKVQuantOps, TorchBackend):
 
     # Fusions, each measured on the decode step (scripts/gpu_fusion_ab.py, docs/PERF.md):
     # RoPE + store_kv as one kernel (kernels/rope_store_kv.py), and for decode batches
-    # (<= SMALL_M rows, 16-bit, a dense Linear) the norm or the SiLU gate in the skinny
-    # matmul's load of x (kernels/gemv.py). Class attributes, so an experiment can switch one.
+    # (<= SMALL_M rows, 16-bit, a dense Linear) the norm in the skinny matmul's load of x or
+    # SwiGLU's silu(gate) * up on its accumulators (kernels/gemv.py). Class attributes, so an
+    # experiment can switch one.
     fuse_rope_store_kv = True
     fuse_norm_linear = False      # slower at Llama-2-7B's shapes on an H200 (PERF.md)
-    fuse_silu_mul_linear = False
+    fuse_gate_up_silu = False     # with PDL on, slower (0.96-0.97x) on an H200 (PERF.md)
 
     def _gemv_fusable(self, x, linear) -> bool:
         w = getattr(linear, "weight", None)          # a W4A16Linear has none: its own kernels
@@ -162,10 +165,14 @@ class TritonBackend(TritonKVQuantOps, TorchBackend):
             return super().norm_linear(x, residual, norm, linear)
         return K.rms_norm_linear_triton(x, residual, norm.weight, norm.eps, linear.weight)
 
-    def silu_mul_linear(self, gate_up, linear):
-        if not (self.fuse_silu_mul_linear and self._gemv_fusable(gate_up, linear)):
-            return super().silu_mul_linear(gate_up, linear)
-        return K.silu_mul_linear_triton(gate_up, linear.weight)
+    def norm_gate_up(self, x, residual, norm, w13):
+        if not (self.fuse_gate_up_silu and self._gemv_fusable(x, w13)):
+            return super().norm_gate_up(x, residual, norm, w13)
+        if self.fuse_norm_linear:
+            return K.rms_norm_linear_triton(x, residual, norm.weight, norm.eps, w13.weight,
+                                            gated=True)
+        h, residual = (norm(x), x) if residual is None else norm(x, residual)
+        return K.linear_silu_triton(h, w13.weight), residual
 
     def rope_store_kv(self, qkv, rope_step, attn, md) -> bool:
         if not self.fuse_rope_store_kv or md is None or not torch.is_tensor(attn.k_cache):

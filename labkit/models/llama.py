@@ -82,12 +82,12 @@ class LlamaMLP(nn.Module):
 
     def forward(self, h):
         """The MLP sublayer: h (..., H) normed input -> (..., H)."""
-        return self.down(self.w13(h))                                # (..., 2I/tp) in between
+        return self.down(self.backend.silu_and_mul(self.w13(h)))     # (..., I/tp) in between
 
-    def down(self, gate_up):
-        """From w13's output on (LlamaLayer runs the projection itself, so that a backend can
-        fuse the norm into it): w2(silu(gate) * up), the gate in w2's kernel where it can be."""
-        return _all_reduce(self.backend.silu_mul_linear(gate_up, self.w2), self.tp)  # (..., H)
+    def down(self, act):
+        """From silu(gate) * up on (LlamaLayer runs w13 and the gate itself, so that a backend
+        can fuse them with the norm): w2(act), summed over the TP ranks."""
+        return _all_reduce(self.w2(act), self.tp)                    # (..., H)
 
 
 class LlamaLayer(nn.Module):
@@ -105,9 +105,9 @@ class LlamaLayer(nn.Module):
         qkv, residual = self.backend.norm_linear(x, residual, self.attention_norm,
                                                  self.attention.w_qkv)      # (..., (hq+2hkv)D), (..., H)
         x = self.attention.attend(qkv, positions, md, rope)
-        gate_up, residual = self.backend.norm_linear(x, residual, self.ffn_norm,
-                                                     self.feed_forward.w13)  # (..., 2I), (..., H)
-        return self.feed_forward.down(gate_up), residual
+        act, residual = self.backend.norm_gate_up(x, residual, self.ffn_norm,
+                                                  self.feed_forward.w13)     # (..., I), (..., H)
+        return self.feed_forward.down(act), residual
 
 
 class Embedding(nn.Module):
