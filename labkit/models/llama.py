@@ -18,6 +18,8 @@ the logits all-gathered. With tp=1 there is no communication at all.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -203,9 +205,24 @@ class LlamaForCausalLM(nn.Module):
         if metadata is not None:
             self.backend.begin_forward(metadata, self.layers[0].attention.attn.k_cache)
         x, residual = self.tok_embeddings(input_ids), None              # (..., H)
+        if metadata is not None and not metadata.is_prefill and self.script_cpu_decode:
+            scripted = self._scripted_decode()                           # CPU: the layers as
+            if scripted.applies(self, metadata):                         # one TorchScript call
+                return scripted.run(x, rope, metadata)
         for layer in self.layers:
             x, residual = layer(x, residual, positions, metadata, rope)
         return self.norm(x, residual)[0]                                 # (..., H)
+
+    # A CPU decode step runs its layers as one TorchScript function (labkit/models/cpu_decode.py:
+    # the same ops, no Python between them); LABKIT_SCRIPT_DECODE=0 keeps the Python layers.
+    script_cpu_decode = os.environ.get("LABKIT_SCRIPT_DECODE", "1") != "0"
+
+    def _scripted_decode(self):
+        from labkit.models.cpu_decode import ScriptedDecode
+        scripted = self.__dict__.get("_scripted")
+        if scripted is None or scripted.key != ScriptedDecode.key_of(self):
+            scripted = self.__dict__["_scripted"] = ScriptedDecode(self)
+        return scripted
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) -> logits (..., V), float32; vocab-split across ranks then gathered."""
