@@ -313,5 +313,6 @@ def paged_decode_quant_triton(q, k_cache: QuantKVCache, v_cache: QuantKVCache, b
     if splits > 1:
         _reduce_splits_kernel[(B, Hq)](part_out, part_lse, out, out.stride(0), out.stride(1),
                                        HQ=Hq, D=D, NUM_SPLITS=splits,
-                                       SPLITS_P=triton.next_power_of_2(splits), num_warps=4)
+                                       SPLITS_P=triton.next_power_of_2(splits),
+                                       PDL=False, num_warps=4)   # a plain launch, as above
     return out

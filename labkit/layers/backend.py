@@ -7,7 +7,10 @@ the paged-attention ops) calls `self.backend.<op>`. Two backends share one inter
     TritonBackend  the Triton kernels beside them (GPU engine; CPU under TRITON_INTERPRET=1)
 
 `LlamaForCausalLM.set_backend` hands one backend to every layer. This is the seam to replace
-when you write your own kernel: subclass a backend and override one op.
+when you write your own kernel: subclass a backend and override one op. (A CPU decode step on
+the plain TorchBackend runs the layers as one TorchScript function that calls these ops'
+references in the same order, labkit/models/cpu_decode.py; a subclass, or
+LABKIT_SCRIPT_DECODE=0, keeps every call going through the methods below.)
 
 Work that is the same for every layer of a forward is done once, before the layers:
 `begin_forward` (the cache slots checked for padding, the decode batch's gather plan) and

@@ -203,12 +203,13 @@ class ScriptedDecode:
         from labkit.layers.backend import TorchBackend
         from torch.nn.modules import module as nn_module
         attn = self.attns[0]
-        if not (self.ok and scripted() is not None and type(model.backend) is TorchBackend and model.tp == 1
-                and not model.logn.enabled and not torch.is_grad_enabled()
+        if not (self.ok and scripted() is not None and type(model.backend) is TorchBackend
+                and model.tp == 1 and not model.logn.enabled and not torch.is_grad_enabled()
                 and torch.is_tensor(attn.k_cache) and attn.k_cache.device.type == "cpu"):
             return False
-        plan, slots = md.decode_plan, md.kv_slots
-        if plan is None or slots is None or slots.rows is not None or plan.block_size != attn.k_cache.shape[1]:
+        plan, slots = md.decode_plan, md.kv_slots        # made by TorchBackend.begin_forward
+        if (plan is None or slots is None or slots.rows is not None
+                or plan.block_size != attn.k_cache.shape[1]):
             return False
         if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
                 or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)):
