@@ -145,7 +145,8 @@ def _linear_operands(lin, dtype) -> Optional[tuple]:
     from kernels import w4a16_cpu
     from labkit.layers import cpu_linear as cl
     from labkit.layers.linear import Linear, W4A16Linear
-    if getattr(lin, "bias", None) is not None:
+    if getattr(lin, "bias", None) is not None or any(t.device.type != "cpu" for t in lin.buffers()) \
+            or any(p.device.type != "cpu" for p in lin.parameters()):
         return None
     empty = torch.empty(0)
     if isinstance(lin, W4A16Linear):

@@ -205,9 +205,10 @@ class LlamaForCausalLM(nn.Module):
         if metadata is not None:
             self.backend.begin_forward(metadata, self.layers[0].attention.attn.k_cache)
         x, residual = self.tok_embeddings(input_ids), None              # (..., H)
-        if metadata is not None and not metadata.is_prefill and self.script_cpu_decode:
-            scripted = self._scripted_decode()                           # CPU: the layers as
-            if scripted.applies(self, metadata):                         # one TorchScript call
+        if (metadata is not None and not metadata.is_prefill and self.script_cpu_decode
+                and x.device.type == "cpu"):            # the layers as one TorchScript call
+            scripted = self._scripted_decode()
+            if scripted.applies(self, metadata):
                 return scripted.run(x, rope, metadata)
         for layer in self.layers:
             x, residual = layer(x, residual, positions, metadata, rope)
