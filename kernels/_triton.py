@@ -9,6 +9,8 @@ interpreted kernels that run on CPU tensors: that is how the kernels are tested 
 """
 from __future__ import annotations
 
+import os
+
 try:
     import triton
     import triton.language as tl
@@ -37,7 +39,6 @@ def require_triton() -> None:
 
 def interpreted() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    import os
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -67,7 +68,7 @@ def num_sms(device=None) -> int:
 # hides part of it (docs/PERF.md). Every read of an activation and every write comes after
 # `pdl_wait`. Module switch (an experiment can turn it off); LABKIT_PDL=0 turns it off for a
 # run, like enforce_eager for CUDA graphs.
-PDL = __import__("os").environ.get("LABKIT_PDL", "1") != "0"
+PDL = os.environ.get("LABKIT_PDL", "1") != "0"
 _PDL_DEVICES: dict = {}
 
 

@@ -38,11 +38,17 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                 and not torch.is_grad_enabled()):
             return torch.mm(x, _transposed(weight))                  # (M, N), F.linear's product
         return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, onednn_weight(weight), bias, "none", [], "")
+
+
+def onednn_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight reordered for oneDNN, kept on the weight with its version (made again if the
+    weight is changed in place)."""
     hit = getattr(weight, "_onednn_packed", None)                  # (version, packed)
     if hit is None or hit[0] != weight._version:
         hit = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
         weight._onednn_packed = hit
-    return torch.ops.mkldnn._linear_pointwise(x, hit[1], bias, "none", [], "")
+    return hit[1]
 
 
 def _transposed(weight: torch.Tensor) -> torch.Tensor:

@@ -158,8 +158,7 @@ def _linear_operands(lin, dtype) -> Optional[tuple]:
         return None
     w = lin.weight
     if cl.AVAILABLE and dtype == torch.bfloat16 and not w.is_inference():
-        cl.cpu_linear(torch.zeros(1, w.shape[1], dtype=dtype), w)     # makes its reordered copy
-        return ONEDNN, w._onednn_packed[1], empty, 0
+        return ONEDNN, cl.onednn_weight(w), empty, 0
     return MM, cl._transposed(w), empty, 0
 
 
