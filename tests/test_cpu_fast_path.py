@@ -93,24 +93,41 @@ def test_one_decode_plan_serves_every_layer(lengths, scattered):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cpu_linear_is_f_linear(dtype):
+def test_cpu_linear_is_f_linear_or_onednns_product(dtype):
+    """Where cpu_linear does not take oneDNN for the dtype it is F.linear bit for bit; where it
+    does, oneDNN's product on a freshly reordered weight, bit for bit; either way it follows the
+    weight changed in place or given new data."""
+    from labkit.layers.cpu_linear import uses_onednn
     g, seed = _gen()
+
+    def want(x, w):
+        return reference_linear(x, w) if uses_onednn(dtype) else F.linear(x, w)
     w = torch.nn.Parameter(torch.randn(96, 64, generator=g).to(dtype))
     with torch.no_grad():
         for m in (1, 8):
             x = torch.randn(m, 64, generator=g).to(dtype)
-            assert torch.equal(cpu_linear(x, w), F.linear(x, w)), seed
-            w.mul_(0.5)                                        # changed in place: the view sees it
-            assert torch.equal(cpu_linear(x, w), F.linear(x, w)), seed
-            w.data = torch.randn(96, 64, generator=g).to(dtype)   # replaced: a new view
-            assert torch.equal(cpu_linear(x, w), F.linear(x, w)), seed
+            assert torch.equal(cpu_linear(x, w), want(x, w)), seed
+            w.mul_(0.5)                                        # changed in place
+            assert torch.equal(cpu_linear(x, w), want(x, w)), seed
+            w.data = torch.randn(96, 64, generator=g).to(dtype)   # replaced
+            assert torch.equal(cpu_linear(x, w), want(x, w)), seed
+
+
+def reference_linear(x, w, bias=None):
+    """The product cpu_linear computes, without its caches: oneDNN's on a fresh reorder of the
+    weight where cpu_linear takes oneDNN for x's dtype, else F.linear."""
+    from labkit.layers.cpu_linear import uses_onednn
+    if not uses_onednn(x.dtype):
+        return F.linear(x, w, bias)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 class ReferenceBackend(TorchBackend):
     """TorchBackend with every fast path swapped back for the reference it stands in for."""
 
     def linear(self, x, weight, bias=None):
-        return F.linear(x, weight, bias)
+        return reference_linear(x, weight, bias)
 
     def rms_norm(self, x, weight, eps, residual=None):
         return rms_norm_ref(x, weight, eps, residual)

@@ -1,4 +1,4 @@
-"""bf16 linear layers on the CPU through oneDNN, with each weight reordered once.
+"""Linear layers on the CPU through oneDNN, with each weight reordered once (bf16 and fp32).
 
 `F.linear` in bf16 on a CPU re-lays the weight out for oneDNN's kernels on every call; for a
 decode step (one row of x) that costs more than the product: SmolLM2's layers streamed their
@@ -6,14 +6,27 @@ weights at 11-16 GB/s where the machine copies 34 GB/s. Reordering each weight o
 oneDNN's blocked layout (what torch.compile's CPU "freezing" does) and calling the product on
 it gives the same numbers (bitwise, measured) 1.1-2.8x faster (docs/PERF.md, CPU section).
 
-The reordered copy is kept on the weight tensor itself (an attribute) and rebuilt if the weight is changed in place
-(its version counter moves, e.g. AWQ smoothing). It doubles the weights' memory; fp32 stays on
-`F.linear`'s product, which the fp32 parity tests compare. For a 2-D x without bias (a decode
-step) F.linear is `mm(x, weight.t())`: that is called directly, on a transposed view cached on
-the weight (bitwise the same; F.linear's wrappers linear/t/transpose/matmul are 5 small ops
-per call, 20 per layer). bf16 takes that path too where oneDNN has no bf16 (AVX2 machines).
+fp32 takes the same path on x86: `F.linear` in fp32 is a BLAS sgemm that packs the weight into
+its own blocks on every call, which at decode sizes (1-64 rows) costs as much as the product.
+On a 2-core AVX2 EPYC one decode step's 121 products took 45 -> 32 ms at 1 row and 110 -> 90 ms
+at 20 rows with the weights reordered once; prefill-sized products (256-4096 rows) are equal.
+The sums run in a different order than sgemm's, so the logits are not F.linear's bit for bit
+(|error| vs float64 1.6e-6 against 7.5e-7 on a 576-wide product: fp32 rounding either way).
+Only on x86, where it was measured; elsewhere, or with LABKIT_ONEDNN_FP32=0, fp32 stays on
+`F.linear`'s product.
+
+The reordered copy is kept on the weight tensor itself (an attribute) and rebuilt if the weight
+is changed in place (its version counter moves, e.g. AWQ smoothing). It doubles the weights'
+memory (SmolLM2-135M in fp32: +540 MB). Elsewhere, for a 2-D x without bias (a decode step)
+F.linear is `mm(x, weight.t())`: that is called directly, on a transposed view cached on the
+weight (bitwise the same; F.linear's wrappers linear/t/transpose/matmul are 5 small ops per
+call, 20 per layer). bf16 takes that path too where oneDNN has no bf16 (AVX2 machines).
+Autograd always takes F.linear (the reordered copy has no gradient).
 """
 from __future__ import annotations
+
+import os
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -26,27 +39,48 @@ def _available() -> bool:
         return False
 
 
-AVAILABLE = _available()
+def _fp32_available() -> bool:
+    """oneDNN's fp32 product on a reordered weight runs here, and agrees with F.linear."""
+    if os.environ.get("LABKIT_ONEDNN_FP32", "1") == "0" or \
+            platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        w, x = torch.randn(24, 40), torch.randn(3, 40)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return torch.backends.mkldnn.is_available() and torch.allclose(got, F.linear(x, w), atol=1e-4)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+AVAILABLE = _available()              # bf16 through oneDNN
+FP32_AVAILABLE = _fp32_available()    # fp32 through oneDNN
+
+
+def uses_onednn(dtype: torch.dtype) -> bool:
+    """Does a CPU product in `dtype` (x and weight) go through oneDNN's reordered weight?"""
+    return (AVAILABLE and dtype == torch.bfloat16) or (FP32_AVAILABLE and dtype == torch.float32)
 
 
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ weight (N, K)^T (+ bias) -> (..., N); oneDNN for bf16 on the CPU."""
-    if not (AVAILABLE and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not weight.is_inference()):          # (no version counter to check)
-        if (x.dim() == 2 and bias is None and weight.dtype == x.dtype and x.device.type == "cpu"
-                and not torch.is_grad_enabled()):
-            return torch.mm(x, _transposed(weight))                  # (M, N), F.linear's product
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, onednn_weight(weight), bias, "none", [], "")
+    """x (..., K) @ weight (N, K)^T (+ bias) -> (..., N); oneDNN's product on the CPU where
+    `uses_onednn`, else F.linear's."""
+    on_cpu = x.device.type == "cpu" and weight.dtype == x.dtype and not torch.is_grad_enabled()
+    if on_cpu and uses_onednn(x.dtype) and not weight.is_inference():   # (no version counter
+        return torch.ops.mkldnn._linear_pointwise(                       #  on an inference tensor)
+            x, onednn_weight(weight), bias, "none", [], "")
+    if on_cpu and x.dim() == 2 and bias is None:
+        return torch.mm(x, _transposed(weight))                  # (M, N), F.linear's product
+    return F.linear(x, weight, bias)
 
 
 def onednn_weight(weight: torch.Tensor) -> torch.Tensor:
-    """weight reordered for oneDNN, kept on the weight with its version (made again if the
-    weight is changed in place)."""
-    hit = getattr(weight, "_onednn_packed", None)                  # (version, packed)
-    if hit is None or hit[0] != weight._version:
-        hit = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
+    """weight reordered for oneDNN, kept on the weight with its version and storage (made again
+    if the weight is changed in place or given new data)."""
+    key = (weight._version, weight.data_ptr())
+    hit = getattr(weight, "_onednn_packed", None)                  # (key, packed)
+    if hit is None or hit[0] != key:
+        hit = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
         weight._onednn_packed = hit
     return hit[1]
 

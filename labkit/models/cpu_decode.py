@@ -13,7 +13,8 @@ What each line mirrors (the readable versions, which stay the reference):
     rotary              kernels/rotary.py          rotary_fast on the rows of rotary_rows
     store K/V           kernels/store_kv.py        store_kv_checked
     attention           kernels/paged_decode_batched.py  paged_decode_planned
-    linear              labkit/layers/cpu_linear.py (mm on W^T, or oneDNN's bf16 product) and
+    linear              labkit/layers/cpu_linear.py (oneDNN's product on the reordered weight,
+                        or mm on W^T where cpu_linear takes that) and
                         kernels/w4a16_cpu.py (PyTorch's int4 kernel) for an int4 workspace
     SwiGLU              kernels/activation.py      silu_and_mul_ref
 
@@ -157,7 +158,7 @@ def _linear_operands(lin, dtype) -> Optional[tuple]:
     if type(lin) is not Linear or lin.weight.dtype != dtype:
         return None
     w = lin.weight
-    if cl.AVAILABLE and dtype == torch.bfloat16 and not w.is_inference():
+    if cl.uses_onednn(dtype) and not w.is_inference():
         return ONEDNN, cl.onednn_weight(w), empty, 0
     return MM, cl._transposed(w), empty, 0
 
