@@ -116,10 +116,10 @@ def test_cpu_linear_is_f_linear_or_onednns_product(dtype):
 def reference_linear(x, w, bias=None):
     """The product cpu_linear computes, without its caches: oneDNN's on a fresh reorder of the
     weight where cpu_linear takes oneDNN for x's dtype, else F.linear."""
-    from labkit.layers.cpu_linear import uses_onednn
-    if not uses_onednn(x.dtype):
+    from labkit.layers import cpu_linear as cl
+    if not cl.uses_onednn(x.dtype):
         return F.linear(x, w, bias)
-    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), cl.PACK_FOR_ROWS[x.dtype])
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 

@@ -46,7 +46,7 @@ def test_fp32_takes_onednn_where_available_and_autograd_stays_on_f_linear():
     with torch.no_grad():
         got = cpu_linear(x, w)
     if cl.FP32_AVAILABLE:                        # exactly oneDNN's product on a fresh reorder
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, cl.PACK_FOR_ROWS[torch.float32])
         assert torch.equal(got, torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
     else:
         assert torch.equal(got, F.linear(x, w))
