@@ -8,8 +8,9 @@ it gives the same numbers (bitwise, measured) 1.1-2.8x faster (docs/PERF.md, CPU
 
 fp32 takes the same path on x86: `F.linear` in fp32 is a BLAS sgemm that packs the weight into
 its own blocks on every call, which at decode sizes (1-64 rows) costs as much as the product.
-On a 2-core AVX2 EPYC one decode step's 121 products took 45 -> 32 ms at 1 row and 110 -> 90 ms
-at 20 rows with the weights reordered once; prefill-sized products (256-4096 rows) are equal.
+On a 2-core AVX2 EPYC one decode step's 121 products took 35.0 -> 23.8 ms at 1 row and
+85.4 -> 55.6 ms at 20 rows with the weights reordered once (scripts/cpu_linear_layouts.py);
+prefill-sized products (256-4096 rows) are equal.
 The sums run in a different order than sgemm's, so the logits are not F.linear's bit for bit
 (|error| vs float64 1.6e-6 against 7.5e-7 on a 576-wide product: fp32 rounding either way).
 Only on x86, where it was measured; elsewhere, or with LABKIT_ONEDNN_FP32=0, fp32 stays on
@@ -41,14 +42,14 @@ def _available() -> bool:
 
 def _fp32_available() -> bool:
     """oneDNN's fp32 product on a reordered weight runs here, and agrees with F.linear."""
-    if os.environ.get("LABKIT_ONEDNN_FP32", "1") == "0" or \
-            platform.machine().lower() not in ("x86_64", "amd64"):
+    if (os.environ.get("LABKIT_ONEDNN_FP32", "1") == "0" or not torch.backends.mkldnn.is_available()
+            or platform.machine().lower() not in ("x86_64", "amd64")):
         return False
     try:
         w, x = torch.randn(24, 40), torch.randn(3, 40)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        return torch.backends.mkldnn.is_available() and torch.allclose(got, F.linear(x, w), atol=1e-4)
+        return torch.allclose(got, F.linear(x, w), atol=1e-4)
     except (AttributeError, RuntimeError):
         return False
 
