@@ -29,6 +29,7 @@ PACKAGES = [
     ("gguf", True, "reads the bundled model (llama.cpp's GGUF format)"),
     ("accelerate", False, "transformers' GGUF loader wants it"),
     ("tqdm", True, "progress bars (conversion, calibration)"),
+    ("numba", False, "the CPU decode attention kernel (without it: gather + SDPA, slower)"),
     ("fastapi", False, "serving: the OpenAI-compatible api_server"),
     ("uvicorn", False, "serving: the ASGI server under api_server"),
     ("openai", False, "serving: the official client against our api_server"),

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels as K
+from kernels import paged_decode_cpu
 from kernels.kv_quant import store_kv_quant_ref
 from kernels.paged_decode_batched import decode_plan, paged_decode_batched, paged_decode_planned
 from kernels.paged_decode_quant import paged_decode_quant_ref
@@ -84,7 +85,8 @@ class TorchBackend:
         if not torch.is_tensor(k_cache):      # an int8/int4 cache: the quantized ops as they are
             return
         md.kv_slots = check_slots(md.slot_mapping)
-        if not md.is_prefill:
+        if not md.is_prefill and not paged_decode_cpu.applies(k_cache.dtype, k_cache,
+                                                              md.context_lens.shape[0]):
             md.decode_plan = decode_plan(md.block_tables, md.context_lens, k_cache.shape[1])
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping):
@@ -98,8 +100,12 @@ class TorchBackend:
                                    md.context_lens, scale)
 
     def decode(self, q, k_cache, v_cache, md, scale):
-        # the whole batch in one attention call (kernels/paged_decode_batched.py); the
-        # per-sequence loop of K.paged_decode_ref costs most of a CPU step at batch > 1
+        # fp32: a kernel that reads K/V in place (kernels/paged_decode_cpu.py); otherwise the
+        # whole batch in one attention call (kernels/paged_decode_batched.py). The per-sequence
+        # loop of K.paged_decode_ref costs most of a CPU step at batch > 1.
+        if paged_decode_cpu.applies(q.dtype, k_cache, q.shape[0]):
+            return paged_decode_cpu.paged_decode_cpu(q, k_cache, v_cache, md.block_tables,
+                                                     md.context_lens, scale)
         plan = md.decode_plan                              # made by begin_forward
         if plan is not None and plan.block_size == k_cache.shape[1]:
             return paged_decode_planned(q, k_cache, v_cache, plan, scale)

