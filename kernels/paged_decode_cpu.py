@@ -23,10 +23,12 @@ its loop over tasks on its own thread pool, as many threads as torch uses; `fast
 LLVM vectorize the dot products (their sums run in another order than SDPA's: |difference|
 ~1e-6, float32 rounding).
 
-Where it runs: fp32 caches on the CPU when Numba is installed (`AVAILABLE`; LABKIT_NUMBA_DECODE=0
-turns it off). bf16 caches keep `paged_decode_batched` (NumPy and Numba have no bf16). Measured
-on a 2-core AVX2 EPYC (docs/PERF.md, "decode attention in place"): a batch of 20 sequences of
-50-380 tokens, 0.38 ms per layer against 0.9-1.1 ms for gather + SDPA.
+Where it runs (`applies`): fp32 decode batches of two or more on the CPU, when Numba is
+installed (`AVAILABLE`; LABKIT_NUMBA_DECODE=0 turns it off). bf16 caches keep
+`paged_decode_batched` (NumPy and Numba have no bf16), and so does a batch of one. Measured on
+a 2-core AVX2 EPYC (docs/PERF.md, "CPU decode attention read in place"): 20 sequences of 50-380
+tokens, 0.38 ms per layer against 0.9-1.1 ms for gather + SDPA; the mixed benchmark's 126 decode
+steps 13.2-15.9 -> 10.2-11.3 s.
 
 `torch.ops.labkit.paged_decode_cpu` is the same launcher registered as a PyTorch op, so the
 TorchScript decode step (labkit/models/cpu_decode.py) can call it.

@@ -105,7 +105,7 @@ def test_cpu_linear_is_f_linear_or_onednns_product(dtype):
         return reference_linear(x, w) if uses_onednn(dtype, x.shape[0]) else F.linear(x, w)
     w = torch.nn.Parameter(torch.randn(96, 64, generator=g).to(dtype))
     with torch.no_grad():
-        for m in (1, 8, 600):                  # 600 rows: sgemm in fp32 (FP32_SGEMM_FROM_ROWS)
+        for m in (1, 8, 1100):                 # 1,100 rows: sgemm in fp32 (FP32_SGEMM_FROM_ROWS)
             x = torch.randn(m, 64, generator=g).to(dtype)
             assert torch.equal(cpu_linear(x, w), want(x, w)), seed
             w.mul_(0.5)                                        # changed in place

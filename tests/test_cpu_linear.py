@@ -18,7 +18,7 @@ CASES = [pytest.param(torch.bfloat16, 2e-2, 4e-2, marks=pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("dtype,tol,tol_after", CASES)
-@pytest.mark.parametrize("lead", [(1,), (7,), (2, 5), (300,), (2, 300)])   # 600 rows: sgemm in fp32
+@pytest.mark.parametrize("lead", [(1,), (7,), (2, 5), (300,), (2, 550)])   # 1,100 rows: sgemm in fp32
 def test_matches_float64_and_follows_in_place_updates(lead, dtype, tol, tol_after):
     g = torch.Generator().manual_seed(random.randrange(2**31))
     N, K = 96, 576

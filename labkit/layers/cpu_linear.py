@@ -10,9 +10,10 @@ fp32 takes the same path on x86: `F.linear` in fp32 is a BLAS sgemm that packs t
 its own blocks on every call, which at decode sizes (1-64 rows) costs as much as the product.
 On a 2-core AVX2 EPYC one decode step's 121 products took 35.0 -> 23.8 ms at 1 row and
 85.4 -> 55.6 ms at 20 rows with the weights reordered once (scripts/cpu_linear_layouts.py).
-From 512 rows on (a prefill) the order turns: sgemm's packing is paid once for many rows and its
-kernel is the faster one (a layer's 4 products at 4,631 rows 238 -> 199 ms, at 1,024 rows
-47.5 -> 41.3 ms), so fp32 products of `FP32_SGEMM_FROM_ROWS` rows or more go to sgemm.
+At prefill sizes the order turns: sgemm's packing is paid once for many rows and its kernel is
+the faster one (a layer's 4 products at 4,631 rows 238 -> 199 ms, at 1,024 rows 47.5 -> 41.3
+ms; at 256-512 rows the two are within 5%, either way depending on whether the weights are in
+cache), so fp32 products of `FP32_SGEMM_FROM_ROWS` rows or more go to sgemm.
 The sums run in a different order than sgemm's, so the logits are not F.linear's bit for bit
 (|error| vs float64 1.6e-6 against 7.5e-7 on a 576-wide product: fp32 rounding either way).
 Only on x86, where it was measured; elsewhere, or with LABKIT_ONEDNN_FP32=0, fp32 stays on
@@ -65,7 +66,7 @@ FP32_AVAILABLE = _fp32_available()    # fp32 through oneDNN
 # AVX2 EPYC: 8 rows 57 -> 36-38 ms, 20 rows 74-83 -> 58-70, 64 rows 172-178 -> 132-140; 1 row
 # and prefill sizes within noise). bf16 keeps the 1-row layout it was measured with.
 PACK_FOR_ROWS = {torch.float32: 256, torch.bfloat16: 1}
-FP32_SGEMM_FROM_ROWS = 512       # fp32 products with this many rows or more: sgemm (see above)
+FP32_SGEMM_FROM_ROWS = 1024      # fp32 products with this many rows or more: sgemm (see above)
 
 
 def uses_onednn(dtype: torch.dtype, rows: int = 1) -> bool:
