@@ -1,6 +1,6 @@
-"""Decode attention for the CPU engine: every sequence of the batch in one SDPA call. (fp32
-batches of two or more take kernels/paged_decode_cpu.py instead, which reads the cache in place;
-this file serves bf16, a batch of one, and machines without Numba.)
+"""Decode attention for the CPU engine: every sequence of the batch in one SDPA call. (Batches
+of two or more take kernels/paged_decode_cpu.py instead, which reads the cache in place; this
+file serves a batch of one, other dtypes, and machines without Numba.)
 
 `paged_decode_ref` (kernels/paged_decode.py) is the readable version: a Python loop over the
 sequences, each gathering its K/V and calling attention on its own. On a CPU that loop is the

@@ -23,9 +23,10 @@ its loop over tasks on its own thread pool, as many threads as torch uses; `fast
 LLVM vectorize the dot products (their sums run in another order than SDPA's: |difference|
 ~1e-6, float32 rounding).
 
-Where it runs (`applies`): fp32 decode batches of two or more on the CPU, when Numba is
-installed (`AVAILABLE`; LABKIT_NUMBA_DECODE=0 turns it off). bf16 caches keep
-`paged_decode_batched` (NumPy and Numba have no bf16), and so does a batch of one. Measured on
+Where it runs (`applies`): fp32 and bf16 decode batches of two or more on the CPU, when Numba
+is installed (`AVAILABLE`; LABKIT_NUMBA_DECODE=0 turns it off); a batch of one keeps
+`paged_decode_batched`. NumPy and Numba have no bf16: the kernel reads a bf16 cache as its
+16-bit patterns and widens each element to float32 with a shift (`_widen`). Measured on
 a 2-core AVX2 EPYC (docs/PERF.md, "CPU decode attention read in place"): 20 sequences of 50-380
 tokens, 0.38 ms per layer against 0.9-1.1 ms for gather + SDPA; the mixed benchmark's 126 decode
 steps 13.2-15.9 -> 10.2-11.3 s.
@@ -61,23 +62,40 @@ AVAILABLE = _NB is not None
 
 def applies(q_dtype: torch.dtype, k_cache, batch: int) -> bool:
     """Does a decode call of `batch` sequences with `q_dtype` queries on this cache take the
-    kernel? fp32 queries and cache tensors on the CPU, Numba installed, two sequences or more:
-    a batch of one keeps paged_decode_batched, whose K/V are then a view of the cache where
-    its blocks are consecutive (no copy, no padding), and the kernel's fixed cost (~20-40 us a
-    call, mostly Python) made batch-1 decode 0-3% slower."""
+    kernel? fp32 or bf16 (queries and cache alike) on the CPU, Numba installed, two sequences
+    or more: a batch of one keeps paged_decode_batched, whose K/V are then a view of the cache
+    where its blocks are consecutive (no copy, no padding), and the kernel's fixed cost (~20-40
+    us a call, mostly Python) made batch-1 decode 0-3% slower."""
     return (AVAILABLE and batch > 1 and torch.is_tensor(k_cache) and k_cache.device.type == "cpu"
-            and q_dtype == torch.float32 and k_cache.dtype == torch.float32)
+            and q_dtype == k_cache.dtype and q_dtype in (torch.float32, torch.bfloat16))
 
 
 if AVAILABLE:
     import numpy as np
-    from numba import njit, prange
+    from numba import njit, prange, types
+    from numba.extending import intrinsic, overload
+
+    @intrinsic
+    def _float32_from_bits(typingctx, bits):
+        """The float32 whose bit pattern is `bits` (uint32): one LLVM bitcast."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+        return types.float32(types.uint32), codegen
+
+    def _widen(x):
+        """A cache element as float32 (resolved per cache type when Numba compiles)."""
+
+    @overload(_widen)
+    def _widen_for(x):
+        if x == types.uint16:      # bf16 bits: a bf16 is the top half of a float32
+            return lambda x: _float32_from_bits(np.uint32(x) << np.uint32(16))
+        return lambda x: x         # float32 as it is
 
     @njit(parallel=True, fastmath=True, cache=True)
     def _decode_kernel(q, k_pool, v_pool, tables, lens, scale, heads_per_task, out):
-        """q (B, Hkv, G, D); k_pool, v_pool (num_blocks, block_size, Hkv, D); tables (B, max
-        blocks) int32; lens (B,) int32; out (B, Hkv, G, D). Task i: sequence i // per_seq, KV
-        heads h0 .. h0 + heads_per_task."""
+        """q (B, Hkv, G, D) float32; k_pool, v_pool (num_blocks, block_size, Hkv, D) float32,
+        or uint16 holding bf16 bits; tables (B, max blocks) int32; lens (B,) int32; out (B, Hkv,
+        G, D) float32. Task i: sequence i // per_seq, KV heads h0 .. h0 + heads_per_task."""
         B, Hkv, G, D = q.shape
         bs = k_pool.shape[1]
         per_seq = Hkv // heads_per_task
@@ -97,7 +115,7 @@ if AVAILABLE:
                         for g in range(G):
                             s = np.float32(0.0)
                             for d in range(D):
-                                s += q[b, h0 + i, g, d] * k_block[r, h0 + i, d]
+                                s += q[b, h0 + i, g, d] * _widen(k_block[r, h0 + i, d])
                             scores[i, g, j * bs + r] = s * scale
             for i in range(heads_per_task):             # softmax over the context, in place
                 for g in range(G):
@@ -116,29 +134,37 @@ if AVAILABLE:
                         for g in range(G):
                             p = scores[i, g, j * bs + r]
                             for d in range(D):
-                                acc[i, g, d] += p * v_block[r, h0 + i, d]
+                                acc[i, g, d] += p * _widen(v_block[r, h0 + i, d])
             out[b, h0:h0 + heads_per_task] = acc
 
 
 def paged_decode_cpu(
-    q: torch.Tensor,  # (B, Hq, D) float32, one new token per sequence
-    k_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D) float32
-    v_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D) float32
+    q: torch.Tensor,  # (B, Hq, D) float32 or bf16, one new token per sequence
+    k_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D) q's dtype
+    v_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D) q's dtype
     block_tables: torch.Tensor,  # (B, max_blocks_per_seq) int32, padded with -1 or 0
     context_lens: torch.Tensor,  # (B,) int32, cached tokens incl. the new one
     scale: float,
 ) -> torch.Tensor:
-    """Same contract as `paged_decode_ref`: (B, Hq, D), zeros where context_len is 0."""
+    """Same contract as `paged_decode_ref`: (B, Hq, D) in q's dtype, zeros where context_len
+    is 0. Computes in float32 (bf16 K/V widened as they are read)."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     out = np.empty((B, Hkv, Hq // Hkv, D), np.float32)
     with _LOCK:       # one launch at a time: Numba's fallback thread pool is not thread-safe
         threads = _use_threads()
-        _decode_kernel(q.contiguous().numpy().reshape(B, Hkv, Hq // Hkv, D), k_cache.numpy(),
-                       v_cache.numpy(), block_tables.to(torch.int32).numpy(),
+        _decode_kernel(q.float().contiguous().numpy().reshape(B, Hkv, Hq // Hkv, D),
+                       _numpy(k_cache), _numpy(v_cache), block_tables.to(torch.int32).numpy(),
                        context_lens.to(torch.int32).numpy(), np.float32(scale),
                        1 if B < threads else Hkv, out)
-    return torch.from_numpy(out).view(B, Hq, D)      # query head h * G + g reads KV head h
+    return torch.from_numpy(out).view(B, Hq, D).to(q.dtype)   # head h * G + g reads KV head h
+
+
+def _numpy(cache: torch.Tensor):
+    """A NumPy view of a cache: float32 as it is, bf16 (which NumPy lacks) as its uint16 bits."""
+    if cache.dtype == torch.bfloat16:
+        return cache.view(torch.int16).numpy().view(np.uint16)
+    return cache.numpy()
 
 
 _LOCK = threading.Lock()

@@ -1,6 +1,7 @@
 """The CPU engine's in-place decode attention (kernels/paged_decode_cpu.py, a Numba kernel)
 against float64 dense attention, on a NaN-poisoned shuffled pool (a row it must not read is NaN):
-block sizes 4/16/32/64, GQA ratios 1/2/3/8, ragged lengths, one-token contexts, empty rows,
+fp32 and bf16 caches, block sizes 4/16/32/64, GQA ratios 1/2/3/8, ragged lengths, one-token
+contexts, empty rows,
 fewer sequences than threads (the per-head tasks); the PyTorch op the TorchScript step calls,
 and where `applies` hands the call back to paged_decode_batched."""
 from __future__ import annotations
@@ -26,20 +27,24 @@ def _case(bs, Hq, Hkv, D, lengths, seed):
     return kv, q, torch.tensor(lengths, dtype=torch.int32)                      # lens (B,)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("bs,Hq,Hkv,D", CASES)
-def test_matches_dense_float64(bs, Hq, Hkv, D):
+def test_matches_dense_float64(bs, Hq, Hkv, D, dtype, tol):
+    """bf16: the same K/V, Q rounded to bf16; the float64 reference reads the rounded values."""
     seed = random.randrange(2**31)
     lengths = _lengths(bs) + [random.randint(1, 4 * bs) for _ in range(3)] + [0]
     random.shuffle(lengths)
     kv, q, lens = _case(bs, Hq, Hkv, D, lengths, seed)
-    out = K.paged_decode_cpu(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, D**-0.5)
-    assert out.shape == q.shape and out.dtype == torch.float32, f"seed {seed}"
+    q, k_cache, v_cache = q.to(dtype), kv.k_cache.to(dtype), kv.v_cache.to(dtype)
+    out = K.paged_decode_cpu(q, k_cache, v_cache, kv.block_tables, lens, D**-0.5)
+    assert out.shape == q.shape and out.dtype == dtype, f"seed {seed}"
     for b, L in enumerate(lengths):
         if L == 0:
             assert (out[b] == 0).all(), f"seed {seed}: an empty context gives zeros"
             continue
-        ref = dense_reference(q[b:b + 1], kv.k_seqs[b], kv.v_seqs[b], D**-0.5, q_start=L - 1)
-        _close(out[b], ref[0])
+        k, v = (t.to(dtype) for t in (kv.k_seqs[b], kv.v_seqs[b]))
+        ref = dense_reference(q[b:b + 1], k, v, D**-0.5, q_start=L - 1)
+        _close(out[b], ref[0], atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3])
@@ -57,8 +62,9 @@ def test_fewer_sequences_than_threads(batch, monkeypatch):
 
 
 def test_torch_op_and_where_it_applies():
-    """torch.ops.labkit.paged_decode_cpu is the kernel where `applies` (fp32, two sequences or
-    more) and paged_decode_batched elsewhere (bf16, a batch of one); q may be a strided view."""
+    """torch.ops.labkit.paged_decode_cpu is the kernel where `applies` (fp32 or bf16, two
+    sequences or more) and paged_decode_batched elsewhere (a batch of one, fp16); q may be a
+    strided view."""
     from kernels.paged_decode_batched import paged_decode_batched
     seed = random.randrange(2**31)
     bs, Hq, Hkv, D = 16, 9, 3, 64
@@ -68,13 +74,15 @@ def test_torch_op_and_where_it_applies():
     q_view = qkv[:, :Hq]
     args = (kv.k_cache, kv.v_cache, kv.block_tables, lens, D**-0.5)
     assert K.applies(torch.float32, kv.k_cache, 5) and not K.applies(torch.float32, kv.k_cache, 1)
-    assert not K.applies(torch.bfloat16, kv.k_cache.bfloat16(), 5)
+    assert K.applies(torch.bfloat16, kv.k_cache.bfloat16(), 5)
+    assert not K.applies(torch.float16, kv.k_cache.half(), 5)
+    assert not K.applies(torch.bfloat16, kv.k_cache, 5)                # q and cache must agree
     assert torch.equal(torch.ops.labkit.paged_decode_cpu(q_view, *args), K.paged_decode_cpu(q, *args))
     one = torch.ops.labkit.paged_decode_cpu(q[:1], kv.k_cache, kv.v_cache, kv.block_tables[:1],
                                             lens[:1], D**-0.5)
     assert torch.equal(one, paged_decode_batched(q[:1], kv.k_cache, kv.v_cache,
                                                  kv.block_tables[:1], lens[:1], D**-0.5))
-    caches = [c.bfloat16() for c in (kv.k_cache, kv.v_cache)]
-    got = torch.ops.labkit.paged_decode_cpu(q.bfloat16(), *caches, kv.block_tables, lens, D**-0.5)
-    want = paged_decode_batched(q.bfloat16(), *caches, kv.block_tables, lens, D**-0.5)
-    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    caches = [c.half() for c in (kv.k_cache, kv.v_cache)]
+    got = torch.ops.labkit.paged_decode_cpu(q.half(), *caches, kv.block_tables, lens, D**-0.5)
+    want = paged_decode_batched(q.half(), *caches, kv.block_tables, lens, D**-0.5)
+    assert got.dtype == torch.float16 and torch.equal(got, want)

@@ -100,9 +100,9 @@ class TorchBackend:
                                    md.context_lens, scale)
 
     def decode(self, q, k_cache, v_cache, md, scale):
-        # fp32: a kernel that reads K/V in place (kernels/paged_decode_cpu.py); otherwise the
-        # whole batch in one attention call (kernels/paged_decode_batched.py). The per-sequence
-        # loop of K.paged_decode_ref costs most of a CPU step at batch > 1.
+        # batches of 2+: a kernel that reads K/V in place (kernels/paged_decode_cpu.py); otherwise
+        # the whole batch in one attention call (kernels/paged_decode_batched.py). The
+        # per-sequence loop of K.paged_decode_ref costs most of a CPU step at batch > 1.
         if paged_decode_cpu.applies(q.dtype, k_cache, q.shape[0]):
             return paged_decode_cpu.paged_decode_cpu(q, k_cache, v_cache, md.block_tables,
                                                      md.context_lens, scale)

@@ -12,7 +12,7 @@ What each line mirrors (the readable versions, which stay the reference):
     rms_norm            kernels/rms_norm.py        rms_norm_fast
     rotary              kernels/rotary.py          rotary_fast on the rows of rotary_rows
     store K/V           kernels/store_kv.py        store_kv_checked
-    attention           kernels/paged_decode_cpu.py      paged_decode_cpu (fp32, Numba) or
+    attention           kernels/paged_decode_cpu.py      paged_decode_cpu (batches of 2+) or
                         kernels/paged_decode_batched.py  paged_decode_planned
     linear              labkit/layers/cpu_linear.py (oneDNN's product on the reordered weight,
                         or mm on W^T where cpu_linear takes that) and
