@@ -148,6 +148,9 @@ def paged_decode_cpu(
 ) -> torch.Tensor:
     """Same contract as `paged_decode_ref`: (B, Hq, D) in q's dtype, zeros where context_len
     is 0. Computes in float32 (bf16 K/V widened as they are read)."""
+    if not AVAILABLE:
+        raise RuntimeError("paged_decode_cpu needs Numba (pip install numba; and not "
+                           "LABKIT_NUMBA_DECODE=0): use paged_decode_batched")
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     out = np.empty((B, Hkv, Hq // Hkv, D), np.float32)
@@ -186,9 +189,17 @@ def _op(q, k_cache, v_cache, block_tables, context_lens, scale):
     return paged_decode_batched(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
-# Registered whether Numba is there or not (TorchScript resolves the op when it compiles);
-# without the kernel it is paged_decode_batched, the same contract.
-_LIB = torch.library.Library("labkit", "DEF")
-_LIB.define("paged_decode_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-            "Tensor context_lens, float scale) -> Tensor")
-_LIB.impl("paged_decode_cpu", _op, "CPU")
+def _register():
+    """torch.ops.labkit.paged_decode_cpu, registered whether Numba is there or not (TorchScript
+    resolves the op when it compiles); without the kernel it is paged_decode_batched, the same
+    contract. Once per process, even if this file is imported under a second name."""
+    if hasattr(torch.ops.labkit, "paged_decode_cpu"):
+        return None
+    lib = torch.library.Library("labkit", "FRAGMENT")      # unregistered when collected: kept
+    lib.define("paged_decode_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+               "Tensor context_lens, float scale) -> Tensor")
+    lib.impl("paged_decode_cpu", _op, "CPU")
+    return lib
+
+
+_LIB = _register()
