@@ -72,8 +72,9 @@ def decode_layers(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, slots: torc
     x (B, H) the new tokens' embeddings; c, s (B, 1, D) float32 RoPE rows (`rotary_rows`);
     slots (B,) int64 cache slots of the new tokens; attention reads either the cache in place
     (tables, lens: the block tables and context lengths, kernels/paged_decode_cpu.py) or, with
-    tables None, through the DecodePlan's fields (kv_start, kv_slots, mask, empty, L); per layer 2 norms, 4 linears (kinds, ws, szs), K and V caches
-    (num_blocks, block_size, Hkv, D). Returns the normed hidden states (B, H)."""
+    tables None, through the DecodePlan's fields (kv_start, kv_slots, mask, empty, L); per
+    layer 2 norms, 4 linears (kinds, ws, szs), K and V caches (num_blocks, block_size, Hkv, D).
+    Returns the normed hidden states (B, H)."""
     B = x.shape[0]
     residual = x
     for i in range(len(k_caches)):
@@ -241,6 +242,6 @@ class ScriptedDecode:
         else:
             tables = lens = None
         return scripted()(x, c, s, md.kv_slots.slots, tables, lens, plan.start or 0, plan.slots,
-                             plan.mask, plan.empty, plan.length, self.norms, self.kinds, self.ws, self.szs,
-                             self.group, self.k_caches, self.v_caches, self.h, self.eps,
-                             self.attns[0].scale, self.hq, self.hkv, self.d)
+                          plan.mask, plan.empty, plan.length, self.norms, self.kinds, self.ws,
+                          self.szs, self.group, self.k_caches, self.v_caches, self.h, self.eps,
+                          self.attns[0].scale, self.hq, self.hkv, self.d)
