@@ -54,8 +54,13 @@ def test_fewer_sequences_than_threads(batch, monkeypatch):
     bs, Hq, Hkv, D = 16, 9, 3, 64
     lengths = [random.randint(1, 90) for _ in range(batch)]
     kv, q, lens = _case(bs, Hq, Hkv, D, lengths, seed)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)      # batch < 4: per-head tasks
+    # as on a 4-thread machine (Numba's own count is capped by the cores, so set the launcher's)
+    monkeypatch.setattr(K, "_use_threads", lambda: 4)             # batch < 4: per-head tasks
+    heads_per_task, kernel = [], K._decode_kernel
+    monkeypatch.setattr(K, "_decode_kernel",
+                        lambda *a: heads_per_task.append(a[6]) or kernel(*a))
     out = K.paged_decode_cpu(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, D**-0.5)
+    assert heads_per_task == [1], f"seed {seed}: the per-head tasks did not run"
     for b, L in enumerate(lengths):
         ref = dense_reference(q[b:b + 1], kv.k_seqs[b], kv.v_seqs[b], D**-0.5, q_start=L - 1)
         _close(out[b], ref[0])
