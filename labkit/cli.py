@@ -161,14 +161,14 @@ def register_serve(sub) -> None:
 
 
 # `labkit lite STEP`: one module per quantization lesson, each with `register(lite_sub)`
-LITE_MODULES = ("labkit.quant.cli_kv",      # calibrate, kv_qparams (KV-cache int8/int4, lesson 08)
+LITE_MODULES = ("labkit.quant.cli_kv",      # calibrate, kv_qparams, k_smooth (KV cache, lesson 08)
                 "labkit.quant.cli_awq")     # auto_awq (W4A16, lesson 10)
 
 
 def register_lite(sub) -> None:
     import importlib.util
-    p = _command(sub, "lite", "Quantization, the lesson's offline flow: calibrate -> kv_qparams "
-                 "(KV cache) or auto_awq (weights).", None)
+    p = _command(sub, "lite", "Quantization, the lesson's offline flow: calibrate -> "
+                 "[k_smooth ->] kv_qparams (KV cache) or auto_awq (weights).", None)
     lsub = p.add_subparsers(title="steps", metavar="STEP", required=True)
     for module in LITE_MODULES:
         if importlib.util.find_spec(module) is not None:   # (a lesson's module may be absent)

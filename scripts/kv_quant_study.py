@@ -66,6 +66,10 @@ def parse_variant(name: str):
             opts["clip"] = float(p[4:])
         elif p.startswith("smooth"):
             opts["smooth"] = float(p[6:])
+        elif p.startswith("vsmooth"):
+            opts["vsmooth"] = float(p[7:])
+        elif p == "p2":
+            opts["pow2"] = True
         else:
             raise ValueError(f"unknown option {p!r} in {name!r}")
     return kb, vb, opts
@@ -75,33 +79,42 @@ DEFAULT_VARIANTS = ("fp,fp-smooth1,k8v8,k4v4,k4v4-fz,k4v4-pre,k4v4-g32,k4v4-clip
                     "k4v4-fz-smooth0.5,k4v4-fz-smooth1,k4v4-fz-clip0.95")
 
 
-def smoothing_factors(stats_dir, alpha: float) -> torch.Tensor:
-    """(layers, Hkv, D) factors c from K's calibrated absmax, equal on each RoPE pair."""
-    key = torch.load(f"{stats_dir}/key_stats.pth", weights_only=True)
-    a = key["absmax"].float()                                          # (L, Hkv, D)
-    half = a.shape[-1] // 2
-    pair = torch.maximum(a[..., :half], a[..., half:])                 # (L, Hkv, D/2)
-    c = pair.clamp(min=1e-3) ** alpha
+def smoothing_factors(stats_dir, alpha: float, which: str = "key", pow2: bool = False) -> torch.Tensor:
+    """(layers, Hkv, D) factors c from K's (V's) calibrated absmax; K's are equal on each RoPE
+    pair. pow2: rounded to powers of two (folding them into weights is then exact)."""
+    st = torch.load(f"{stats_dir}/{which}_stats.pth", weights_only=True)
+    a = st["absmax"].float()                                           # (L, Hkv, D)
+    if which == "key":
+        half = a.shape[-1] // 2
+        a = torch.maximum(a[..., :half], a[..., half:])                # (L, Hkv, D/2)
+    c = a.clamp(min=1e-3) ** alpha
     c = c / c.mean(-1, keepdim=True)                                   # only ratios matter
-    return torch.cat([c, c], -1)                                       # (L, Hkv, D)
+    if pow2:
+        c = torch.exp2(torch.round(torch.log2(c)))
+    return torch.cat([c, c], -1) if which == "key" else c              # (L, Hkv, D)
 
 
 def install(model, k_bits, v_bits, opts, stats_dir=None):
     """Hooks that fake-quantize K (before or after RoPE) and V in every layer."""
     hooks = []
     qk = dict(group=opts.get("group", 0), clip=opts.get("clip", 1.0), int_zero=opts.get("int_zero", True))
-    smooth = smoothing_factors(stats_dir, opts["smooth"]) if "smooth" in opts else None
+    p2 = opts.get("pow2", False)
+    smooth = smoothing_factors(stats_dir, opts["smooth"], "key", p2) if "smooth" in opts else None
+    vsmooth = smoothing_factors(stats_dir, opts["vsmooth"], "value", p2) if "vsmooth" in opts else None
     for i, layer in enumerate(model.layers):
         la = layer.attention
         hq, hkv, d = la.hq, la.hkv, la.d
         c = None if smooth is None else smooth[i]                      # (Hkv, D)
+        cv = None if vsmooth is None else vsmooth[i]                   # (Hkv, D)
 
-        def on_qkv(mod, args, out, hq=hq, hkv=hkv, d=d, c=c):           # w_qkv output: pre-RoPE
+        def on_qkv(mod, args, out, hq=hq, hkv=hkv, d=d, c=c, cv=cv):    # w_qkv output: pre-RoPE
             qkv = out.view(*out.shape[:-1], hq + 2 * hkv, d)
-            q, k = qkv[..., :hq, :], qkv[..., hq:hq + hkv, :]
+            q, k, v = qkv[..., :hq, :], qkv[..., hq:hq + hkv, :], qkv[..., hq + hkv:, :]
             if c is not None:                                          # smoothing, folded here
                 q.mul_(c.repeat_interleave(hq // hkv, 0))
                 k.div_(c)
+            if cv is not None:                                         # V / cv, wo's input x cv
+                v.div_(cv)
             if opts.get("pre_rope") and k_bits:
                 k.copy_(fake_quant(k, k_bits, **qk))
             return out
@@ -114,7 +127,14 @@ def install(model, k_bits, v_bits, opts, stats_dir=None):
                 v = fake_quant(v, v_bits, **qk)
             return (q, k, v) + tuple(args[3:])
 
+        def on_wo(mod, args, hq=hq, hkv=hkv, d=d, cv=cv):
+            x = args[0]
+            x = (x.view(*x.shape[:-1], hq, d) * cv.repeat_interleave(hq // hkv, 0)).view(x.shape)
+            return (x,) + tuple(args[1:])
+
         hooks.append(la.w_qkv.register_forward_hook(on_qkv))
+        if cv is not None:
+            hooks.append(la.wo.register_forward_pre_hook(on_wo))
         hooks.append(la.attn.register_forward_pre_hook(on_attn))
     return hooks
 

@@ -100,6 +100,16 @@ def tiny_llama_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_stats(tmp_path_factory) -> Path:
+    """`labkit lite calibrate tiny-llama` on 3 x 40 tokens: a statistics work dir."""
+    from labkit.cli import main as cli_main
+    d = tmp_path_factory.mktemp("calib")
+    assert cli_main(["lite", "calibrate", "tiny-llama", "--work-dir", str(d), "--calib-samples", "3",
+                     "--calib-seqlen", "40", "--no-progress"]) == 0
+    return d
+
+
+@pytest.fixture(scope="session")
 def bundled_gguf() -> Path:
     """The bundled model's .gguf (an error, not a skip, when missing: `make install` puts it there)."""
     from labkit.models.bundled import bundled_gguf_path

@@ -68,14 +68,6 @@ def test_eval_ppl_matches_hf_and_quantized_quality():
     assert fp["ppl"] < int4["ppl"] < fp["ppl"] * 1.25
 
 
-@pytest.fixture(scope="module")
-def tiny_stats(tmp_path_factory):
-    d = tmp_path_factory.mktemp("calib")
-    assert cli_main(["lite", "calibrate", "tiny-llama", "--work-dir", str(d), "--calib-samples", "3",
-                     "--calib-seqlen", "40", "--no-progress"]) == 0
-    return d
-
-
 def test_calibrate_statistics_match_hf_activations(tiny_stats, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb

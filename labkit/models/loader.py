@@ -21,6 +21,9 @@ The model fuses w1 and w3 into one `feed_forward.w13` projection when it loads t
 Int4 workspaces (weight_type int4, from an AWQ folder) hold each decoder Linear as three
 tensors instead of `.weight`: `.qweight` (out, in/2) uint8, `.scales` and `.zeros`
 (out, in/G) (layout: kernels/w4a16.py); they split across ranks like the weight they replace.
+
+A workspace's K smoothing factors (`labkit lite k_smooth`, labkit/quant/k_smooth.py) are
+folded into w_qkv here, on every load.
 """
 from __future__ import annotations
 
@@ -214,6 +217,10 @@ def load(path, rank: int = 0, tp: int = 1, dtype: torch.dtype | None = None,
             raise ConfigError(f"tp={tp} is not allowed for this workspace: it was converted with "
                               f"tensor_para_size={stored}; use tp={stored}, or convert with --tp 1 "
                               f"to choose tp at load time")
+        from labkit.quant.k_smooth import fold_k_smooth, read_k_smooth
+        smooth = read_k_smooth(wdir, cfg)          # `labkit lite k_smooth`: folded in here
+        if smooth is not None:
+            tensors = fold_k_smooth(cfg, tensors, smooth[0], rank, tp)
     elif detect_format(source_path(path)) == "awq":   # an AWQ folder, converted online
         from labkit.quant.awq_io import read_awq_dir
         cfg, full, _ = read_awq_dir(path, dtype or torch.float32)

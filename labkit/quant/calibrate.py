@@ -4,7 +4,8 @@ What it measures, per layer (the lesson's offline flow, as lmdeploy's `lite cali
 - the input of every Linear (w_qkv, wo, w13, w2), per input channel: max, min, absmax, mean
   (what weight quantization such as AWQ scales by);
 - K (after RoPE, as the cache holds it) and V per (KV head, channel): max, min, absmax, mean
-  (what static KV-cache parameters are made of: `labkit lite kv_qparams`).
+  (what static KV-cache parameters are made of: `labkit lite kv_qparams`). K is measured
+  unsmoothed: a workspace's `labkit lite k_smooth` factors are multiplied back in.
 
 Layer by layer: the hidden states of all samples pass through layer 0, its statistics are
 taken, then layer 1, ... so only one layer's activations are alive at a time (a sample at a
@@ -79,6 +80,12 @@ def calibrate(model, work_dir, calib_samples: int = 128, calib_seqlen: int = 204
     net = LlamaForCausalLM.from_pretrained(model, device=device,
                                            max_positions=max(calib_seqlen, 1))
     cfg = net.cfg
+    smooth = None                    # K statistics are of the unsmoothed K (labkit/quant/k_smooth.py)
+    if info.workspace is not None:
+        from labkit.models.loader import weights_dir
+        from labkit.quant.k_smooth import read_k_smooth
+        found = read_k_smooth(weights_dir(info.workspace), cfg)
+        smooth = None if found is None else found[0].to(device)           # (L, Hkv, D)
     samples = samples.to(device)                                          # (S, L)
     positions = torch.arange(calib_seqlen, device=device)[None]           # (1, L)
     hidden = net.tok_embeddings(samples)                                  # (S, L, H)
@@ -88,8 +95,10 @@ def calibrate(model, work_dir, calib_samples: int = 128, calib_seqlen: int = 204
     for i, layer in enumerate(tqdm(net.layers, desc=f"calibrate {len(samples)} x {calib_seqlen}",
                                    disable=not progress)):
         k_stats, v_stats = RunningStats(), RunningStats()
-        def kv_hook(module, args):                                        # args: q, k, v, md
-            k_stats.update(args[1], 2)                                    # per (Hkv, D)
+        c = None if smooth is None else smooth[i]
+
+        def kv_hook(module, args, c=c):                                   # args: q, k, v, md
+            k_stats.update(args[1] if c is None else args[1] * c, 2)      # per (Hkv, D)
             v_stats.update(args[2], 2)
         hooks = [layer.attention.attn.register_forward_pre_hook(kv_hook)]
         for name, mod in layer.named_modules():

@@ -23,7 +23,8 @@ file beside the weights, written atomically:
     WORKSPACE/triton_models/weights/kv_qparams.safetensors
         layers.{i}.past_kv_qparams.{rank}   (2 [K, V], kv_head_num / num_tp, 2 [scale, zero]) float32
         metadata: kv_bits, kv_zero ("uint8" zero point | "float16" minimum), kv_sym, num_tp,
-                  num_layer, kv_head_num, size_per_head
+                  num_layer, kv_head_num, size_per_head, k_smooth (the fingerprint of the
+                  workspace's K smoothing they assume, labkit/quant/k_smooth.py, or "none")
 
 (lmdeploy 0.1 wrote `layers.{i}.past_kv_scale.{rank}.weight` files of the same role.)
 """
@@ -73,29 +74,27 @@ def write_kv_qparams(work_dir, weights_dir, kv_bits: int = 8, kv_sym: bool = Fal
     (all checks come first: on any error the workspace is left as it was)."""
     from safetensors.torch import save_file
 
-    from labkit.quant.calibrate import load_kv_stats
-    from labkit.workspace_ini import read_config_ini
-
     if kv_bits not in KV_BITS:
         raise KVQParamsError(f"kv_bits={kv_bits!r} is not allowed: --kv-bits must be 8 or 4")
-    wdir = Path(weights_dir)
-    if not (wdir / "config.ini").is_file():
-        raise KVQParamsError(f"{wdir} has no config.ini: pass WORKSPACE/triton_models/weights "
-                             f"of a workspace made by `labkit convert`")
-    cfg, storage, _ = read_config_ini(wdir)
-    stats = load_kv_stats(work_dir)
-    _check_fit(stats, cfg, work_dir)
+    wdir, cfg, storage, stats = stats_for_workspace(work_dir, weights_dir)
     tp = storage["tensor_para_size"] if num_tp is None else num_tp
     if not isinstance(tp, int) or tp < 1 or cfg.num_kv_heads % tp:
         raise KVQParamsError(f"num_tp={tp} is not allowed: --num-tp must divide "
                              f"kv_head_num={cfg.num_kv_heads}")
+    smooth = _workspace_smoothing(wdir, cfg)
+    if smooth is not None:                      # the cache holds K / c: so must its range
+        c = smooth[0]                                                          # (L, Hkv, D)
+        k = stats["key"]
+        stats = dict(stats, key={"min": k["min"].float() / c, "max": k["max"].float() / c,
+                                 "absmax": k["absmax"].float() / c})
     params = qparams_from_stats(stats, kv_bits, kv_sym)                        # (L, 2, Hkv, 2)
     per = cfg.num_kv_heads // tp
     tensors = {f"layers.{i}.past_kv_qparams.{r}": params[i, :, r * per:(r + 1) * per].contiguous()
                for i in range(cfg.num_layers) for r in range(tp)}
     meta = {"kv_bits": str(kv_bits), "kv_zero": KV_ZERO[kv_bits], "kv_sym": str(int(kv_sym)),
             "num_tp": str(tp), "num_layer": str(cfg.num_layers), "kv_head_num": str(cfg.num_kv_heads),
-            "size_per_head": str(cfg.head_dim)}
+            "size_per_head": str(cfg.head_dim),
+            "k_smooth": "none" if smooth is None else smooth[1]}
     dst = wdir / QPARAMS_FILE
     tmp = wdir / f".{QPARAMS_FILE}.partial-{os.getpid()}"
     try:
@@ -105,6 +104,27 @@ def write_kv_qparams(work_dir, weights_dir, kv_bits: int = 8, kv_sym: bool = Fal
     finally:
         tmp.unlink(missing_ok=True)
     return dst
+
+
+def _workspace_smoothing(wdir: Path, cfg: ModelConfig):
+    from labkit.quant.k_smooth import read_k_smooth
+    return read_k_smooth(wdir, cfg)
+
+
+def stats_for_workspace(work_dir, weights_dir):
+    """(weights dir, ModelConfig, storage fields, K/V statistics) once the statistics in
+    work_dir are checked to be of this workspace's shape (clear one-line errors)."""
+    from labkit.quant.calibrate import load_kv_stats
+    from labkit.workspace_ini import read_config_ini
+
+    wdir = Path(weights_dir)
+    if not (wdir / "config.ini").is_file():
+        raise KVQParamsError(f"{wdir} has no config.ini: pass WORKSPACE/triton_models/weights "
+                             f"of a workspace made by `labkit convert`")
+    cfg, storage, _ = read_config_ini(wdir)
+    stats = load_kv_stats(work_dir)
+    _check_fit(stats, cfg, work_dir)
+    return wdir, cfg, storage, stats
 
 
 def _check_fit(stats: dict, cfg: ModelConfig, work_dir) -> None:
@@ -135,6 +155,12 @@ def read_kv_qparams(workspace, cfg: ModelConfig) -> tuple[torch.Tensor, int] | N
             raise ConfigError(f"{path} is not a kv_qparams file for this model ({e}); rerun "
                               f"`labkit lite kv_qparams` or delete it") from None
     params = torch.stack(layers)                                               # (L, 2, Hkv, 2)
+    smooth = _workspace_smoothing(path.parent, cfg)
+    now = "none" if smooth is None else smooth[1]
+    if meta.get("k_smooth", "none") != now:
+        raise ConfigError(f"{path} was computed for K smoothing {meta.get('k_smooth', 'none')}, "
+                          f"the workspace's is {now} (`labkit lite k_smooth` ran after "
+                          f"`kv_qparams`): rerun `labkit lite kv_qparams`")
     if bits in KV_ZERO and meta.get("kv_zero", "uint8") != KV_ZERO[bits]:
         # int4 files of an older labkit hold an integer zero point, not the float minimum
         raise ConfigError(f"{path} holds int{bits} parameters with a {meta.get('kv_zero', 'uint8')} "
