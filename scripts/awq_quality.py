@@ -49,15 +49,13 @@ def main() -> None:
                                               ("awq g64 alpha 0.5 clip", 64, "awq", False, True),
                                               ("awq g64 search", 64, "awq", True, False),
                                               ("awq g64 search clip", 64, "awq", True, True),
-                                              ("awq g64 search clip duo", 64, "awq", True, "duo"),
-                                              ("awq g64 alpha 0.5 clip duo", 64, "awq", False, "duo"),
                                               ("rtn g32", 32, "rtn", False, False)]:
         if args.rows and name not in args.rows:
             continue
         t0 = time.perf_counter()
         d = Path(args.work) / name.replace(" ", "_").replace(".", "")
         auto_awq("smollm2-135m", d, w_group_size=group, method=method, search_scale=search,
-                 auto_clip=bool(clip), duo_scaling=clip == "duo", calib_samples=args.calib_samples,
+                 auto_clip=clip, calib_samples=args.calib_samples,
                  calib_seqlen=args.calib_seqlen, overwrite=True, progress=False)
         record(name, hf_model_from_awq(d), dict(group=group, method=method, search=search,
                                                 clip=clip,

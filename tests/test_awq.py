@@ -108,34 +108,6 @@ def test_search_never_loses_to_round_to_nearest(tiny_model):
     assert all(len(r.losses) == 20 for r in results)
 
 
-def test_duo_weight_means_match_float64():
-    from labkit.quant.awq import weight_means
-    lins = [torch.nn.Linear(64, n, bias=False) for n in (48, 16)]
-    for lin in lins:
-        torch.nn.init.normal_(lin.weight)
-    w = torch.cat([lin.weight.detach().double() for lin in lins])           # (64 rows, 64 cols)
-    want = torch.stack([torch.stack([w[r, c].abs() / w[r, (c // 32) * 32:(c // 32 + 1) * 32].abs().max()
-                                     for r in range(w.shape[0])]).mean() for c in range(64)])
-    torch.testing.assert_close(weight_means(lins, 32).double(), want, rtol=1e-6, atol=1e-7)
-
-
-def test_duo_scaling_never_loses_to_the_plain_form(tiny_model):
-    """With duo scaling the search also tries s = x^a / w^(1-a); the plain form stays on the
-    grid, so each group's chosen loss is at most the plain search's, and (on random data) the
-    duo form wins somewhere. Same calibration tokens for both."""
-    import copy
-    ids = torch.randint(0, 49152, (4, 32))
-    runs = {}
-    for duo in (False, True):
-        _, runs[duo] = quantize_model(copy.deepcopy(tiny_model), ids,
-                                      AWQSettings(group_size=32, search=True, duo=duo), progress=False)
-    # only the first layer sees the same inputs in both runs (later ones follow the first's choice)
-    for plain, both in zip(runs[False][:4], runs[True][:4]):
-        assert both.loss <= plain.loss + 1e-12 and both.loss <= both.loss_rtn
-    assert any(r.duo for r in runs[True])
-    assert not any(r.duo for r in runs[False])
-
-
 def _clip_reference64(w, x, gs):
     """Brute force in float64, one (row, group) at a time: the grid ratio whose clipped 4-bit
     weights give the smallest mean squared error of that group's share of the output."""
@@ -214,8 +186,6 @@ def test_auto_clip_runs_in_quantize_model_and_rtn_refuses_it(tiny_model):
     from labkit.quant.awq_lite import auto_awq
     with pytest.raises(QuantError, match="not allowed with method=rtn"):
         auto_awq("tiny-llama", "/nonexistent/never-written", method="rtn", auto_clip=True)
-    with pytest.raises(QuantError, match="duo_scaling .* not allowed with method=rtn"):
-        auto_awq("tiny-llama", "/nonexistent/never-written", method="rtn", duo_scaling=True)
 
 
 # ---------------------------------------------------------------------------- CLI end to end

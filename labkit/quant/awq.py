@@ -7,10 +7,6 @@ rounding there) and divides the input by s_c, folded into the op that produces i
 
     y = W x = (W diag(s)) (diag(s)^-1 x),      s_c = mean|x_c| ^ alpha  (normalized)
 
-With `duo` (AutoAWQ's duo scaling) the weights take part too: s_c = mean|x_c|^alpha /
-w_c^(1 - alpha), w_c the mean over rows of |W[:, c]| relative to its group's max; the search
-then tries both forms at every alpha > 0.
-
 alpha = 0 is plain round-to-nearest (s = 1); alpha = 0.5 is the default; `search=True` tries
 alpha in {0, 0.05, ..., 0.95} and keeps, per group, the one with the smallest output error of
 the block the weights feed. Four groups per decoder layer (TurboMind names):
@@ -51,7 +47,6 @@ class AWQSettings:
     search_tokens: int = 2048         # tokens of the block-output loss (sequences are kept whole)
     batch: int = 8                    # calibration sequences per forward (bounds memory)
     clip: bool = False                # AutoAWQ's weight clipping after smoothing (awq_clip.py)
-    duo: bool = False                 # AutoAWQ's duo scaling: s = x^alpha / w^(1 - alpha)
 
 
 @dataclass
@@ -62,7 +57,6 @@ class GroupResult:
     loss_rtn: float                   # block output MSE with alpha = 0
     loss: float                       # ... with the chosen alpha
     losses: list = field(default_factory=list)   # (alpha, loss) tried
-    duo: bool = False                 # the chosen scale is the duo form
 
 
 # ---------------------------------------------------------------------------- capture
@@ -90,21 +84,9 @@ def channel_means(x: torch.Tensor) -> torch.Tensor:
     return x.abs().float().reshape(-1, x.shape[-1]).mean(0)
 
 
-def weight_means(weights: list, group_size: int) -> torch.Tensor:
-    """Mean over the rows of all `weights` of |W| relative to its group's max, per input
-    column (K,): duo scaling's weight term."""
-    w = torch.cat([lin.weight.data for lin in weights], 0).float().abs()         # (N, K)
-    g = w.view(w.shape[0], -1, group_size)
-    g = g / g.amax(-1, keepdim=True).clamp(min=1e-8)
-    return g.view(w.shape[0], -1).mean(0)                                        # (K,)
-
-
-def _scales(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
-    """s = x_mean^alpha (or / w_mean^(1 - alpha)), kept finite and normalized to geometric
-    mean of max and min = 1."""
+def _scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = x_mean^alpha, kept finite and normalized to geometric mean of max and min = 1."""
     s = x_mean.clamp(min=1e-4).pow(alpha)
-    if w_mean is not None:
-        s = s / w_mean.clamp(min=1e-4).pow(1 - alpha)
     s = s / (s.max() * s.min()).sqrt()
     return torch.nan_to_num(s, nan=1.0, posinf=1.0, neginf=1.0).clamp(min=1e-4)
 
@@ -122,38 +104,28 @@ def _weight(linear, w: torch.Tensor):
 
 # ---------------------------------------------------------------------------- one group
 def _search(layer_idx: int, name: str, weights: list, x_mean, block, x_in, ref_out,
-            st: AWQSettings, expand=None, reduce=None) -> tuple[torch.Tensor, GroupResult]:
-    """Pick the scale for one group. `weights`: the linears whose input columns get multiplied
-    by s (expand(s) maps s to the columns when they differ, reduce the other way); `block`:
+            st: AWQSettings, expand=None) -> tuple[torch.Tensor, GroupResult]:
+    """Pick the scale for one group. `weights`: (linear, row slice or None) pairs whose input
+    columns get multiplied by s (expand(s) maps s to the columns when they differ); `block`:
     x_in -> output, run with the candidate weights in place."""
     expand = expand or (lambda s: s)
     alphas = ALPHA_GRID if st.search else sorted({0.0, st.alpha})
-    w_mean = None
-    if st.duo:
-        w_mean = weight_means(weights, st.group_size)
-        w_mean = reduce(w_mean) if reduce else w_mean
-    forms = [(a, False) for a in alphas] + [(a, True) for a in alphas if st.duo and a > 0]
-    tried, duo_loss = [], {}
-    for a, duo in forms:
-        s = expand(_scales(x_mean, a, w_mean if duo else None))        # (K,)
+    tried = []
+    for a in alphas:
+        s = expand(_scales(x_mean, a))                                  # (K,)
         with contextlib.ExitStack() as stack:
             for lin in weights:
                 w = lin.weight.data
                 w_eff = fake_quantize(w * s, st.group_size, st.sym) / s   # what 4 bits compute
                 stack.enter_context(_weight(lin, w_eff.to(w.dtype)))
             out = block(x_in)
-        loss = F.mse_loss(out.float(), ref_out.float()).item()
-        if duo:
-            duo_loss[a] = loss
-        else:
-            tried.append((a, loss))
+        tried.append((a, F.mse_loss(out.float(), ref_out.float()).item()))
     loss_rtn = dict(tried)[0.0]
-    candidates = [(a, l, False) for a, l in tried] + [(a, l, True) for a, l in duo_loss.items()]
-    if not st.search:                                   # the fixed alpha, either form
-        candidates = [c for c in candidates if c[0] == st.alpha]
-    best_a, best, duo = min(candidates, key=lambda t: t[1])
-    return (_scales(x_mean, best_a, w_mean if duo else None),
-            GroupResult(layer_idx, name, best_a, loss_rtn, best, tried, duo))
+    if st.search:
+        best_a, best = min(tried, key=lambda t: t[1])
+    else:
+        best_a, best = st.alpha, dict(tried)[st.alpha]
+    return _scales(x_mean, best_a), GroupResult(layer_idx, name, best_a, loss_rtn, best, tried)
 
 
 @torch.no_grad()
@@ -181,9 +153,7 @@ def smooth_layer(i: int, layer, feats: dict, positions, st: AWQSettings) -> list
     kv_mean = channel_means(o_in).view(hkv, group, d).mean(1).reshape(-1)   # (hkv*D,)
     to_o = lambda s_v: s_v.view(hkv, 1, d).expand(hkv, group, d).reshape(-1)  # noqa: E731
     x_o = sub["attention.wo"]
-    to_kv = lambda c: c.view(hkv, group, d).mean(1).reshape(-1)       # noqa: E731
-    s, r = _search(i, "o", [att.wo], kv_mean, att.wo, x_o, att.wo(x_o), st, expand=to_o,
-                   reduce=to_kv)
+    s, r = _search(i, "o", [att.wo], kv_mean, att.wo, x_o, att.wo(x_o), st, expand=to_o)
     v_rows = slice((hq + hkv) * d, (hq + 2 * hkv) * d)
     att.w_qkv.weight.data[v_rows] /= s.to(att.w_qkv.weight.dtype)[:, None]
     if att.w_qkv.bias is not None:

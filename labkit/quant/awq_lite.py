@@ -30,7 +30,7 @@ def linear_in_features(cfg) -> dict[str, int]:
 def auto_awq(model, work_dir, *, w_bits: int = 4, w_group_size: int | None = None,
              w_sym: bool = False, calib_samples: int = 32, calib_seqlen: int = 512,
              search_scale: bool = False, method: str = "awq", auto_clip: bool = False,
-             duo_scaling: bool = False, overwrite: bool = False,
+             overwrite: bool = False,
              device: str = "cpu", progress: bool = True) -> Path:
     """Quantize `model` (alias, HF directory, .gguf or fp workspace) into `work_dir`."""
     from transformers import AutoTokenizer
@@ -49,8 +49,6 @@ def auto_awq(model, work_dir, *, w_bits: int = 4, w_group_size: int | None = Non
         raise QuantError(f"method={method!r} is not allowed: method must be awq or rtn")
     if auto_clip and method != "awq":
         raise QuantError("auto_clip needs AWQ's calibration: it is not allowed with method=rtn")
-    if duo_scaling and method != "awq":
-        raise QuantError("duo_scaling is AWQ's scale form: it is not allowed with method=rtn")
     info = inspect_model(model)
     if info.weight_type.endswith("int4") or (info.source is not None
                                              and detect_format(info.source) == "awq"):
@@ -65,7 +63,7 @@ def auto_awq(model, work_dir, *, w_bits: int = 4, w_group_size: int | None = Non
         raise QuantError(f"--work-dir {dst} is not empty; pass --overwrite to replace it "
                          f"(nothing was changed)")
     settings = AWQSettings(group_size=group, sym=w_sym, method=method, search=search_scale,
-                           clip=auto_clip, duo=duo_scaling)
+                           clip=auto_clip)
 
     calib = None
     if method == "awq":
@@ -82,12 +80,11 @@ def auto_awq(model, work_dir, *, w_bits: int = 4, w_group_size: int | None = Non
     config = hf_config_for(cfg, source_cfg)
     config.update(torch_dtype="float16", dtype="float16", quantization_config=quantization_config(group, w_sym))
     record = {"method": method, "w_bits": 4, "group_size": group, "sym": w_sym,
-              "search_scale": search_scale, "auto_clip": auto_clip, "duo_scaling": duo_scaling,
-              "source": str(model),
+              "search_scale": search_scale, "auto_clip": auto_clip, "source": str(model),
               "calib_tokens": None if calib is None else list(calib.shape),
               "seconds": round(time.time() - t0, 1),
-              "groups": [dict(layer=r.layer, group=r.group, alpha=r.alpha, duo=r.duo,
-                              loss_rtn=r.loss_rtn, loss=r.loss) for r in results]}
+              "groups": [dict(layer=r.layer, group=r.group, alpha=r.alpha, loss_rtn=r.loss_rtn,
+                              loss=r.loss) for r in results]}
     out = save_awq_dir(dst, tensors, config, info.tokenizer_dir, record, overwrite=overwrite)
     log.info(f"{method} w4 g{group} -> {out} in {record['seconds']} s")
     return out

@@ -29,9 +29,6 @@ def register(lite_sub, command, flag) -> None:
     flag(p, "--auto-clip", action="store_true",
          help="AutoAWQ's weight clipping after smoothing: per group, the range (1.0 .. 0.55 of "
               "max|w|) with the smallest output error on calibration tokens (wo, w13, w2)")
-    flag(p, "--duo-scaling", action="store_true",
-         help="AutoAWQ's duo scaling: also try s = x^alpha / w^(1 - alpha) (w: |W| per column "
-              "relative to its group's max) and keep the form with the smaller block error")
     flag(p, "--rtn", action="store_true",
          help="plain round-to-nearest, no AWQ smoothing (the baseline AWQ is compared with)")
     flag(p, "--device", default="cpu", help="where calibration runs: cpu | cuda | cuda:N")
@@ -45,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
                    w_sym=args.w_sym, calib_samples=args.calib_samples,
                    calib_seqlen=args.calib_seqlen, search_scale=args.search_scale,
                    method="rtn" if args.rtn else "awq", auto_clip=args.auto_clip,
-                   duo_scaling=args.duo_scaling, overwrite=args.overwrite,
+                   overwrite=args.overwrite,
                    device=args.device, progress=not args.no_progress)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)
