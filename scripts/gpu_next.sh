@@ -11,10 +11,10 @@ set -u
 export LABKIT_CACHE=${LABKIT_CACHE:-$PWD/.labkit_cache}
 OUT=${OUT:-.}
 T="python -m pytest -q -o addopts= -m gpu -p no:cacheprovider"
-timeout 120 $T tests/test_kernels_triton.py -k decode 2>&1 | tail -2
-LABKIT_DECODE_FUSED_REDUCE=1 timeout 150 $T tests/test_engine_backends.py 2>&1 | tail -2
 AB="python scripts/gpu_fusion_ab.py --shape llama-2-7b --points 1x128 1x256 4x1024"
-timeout 110 $AB --combos pdl pdl+reduce --json "$OUT/fusion_ab_reduce_1.json" 2>&1 | tail -4
-timeout 110 $AB --combos pdl+reduce pdl --json "$OUT/fusion_ab_reduce_2.json" 2>&1 | tail -4
-LABKIT_DECODE_FUSED_REDUCE=1 timeout 90 python -m labkit bench decode --load-format dummy \
+timeout 170 $AB --combos pdl pdl+reduce --json "$OUT/fusion_ab_reduce_1.json" 2>&1 | tail -4
+timeout 100 $AB --combos pdl+reduce pdl --json "$OUT/fusion_ab_reduce_2.json" 2>&1 | tail -4
+LABKIT_DECODE_FUSED_REDUCE=1 timeout 150 $T tests/test_engine_backends.py 2>&1 | tail -2
+timeout 90 $T tests/test_kernels_triton.py -k decode 2>&1 | tail -2
+LABKIT_DECODE_FUSED_REDUCE=1 timeout 80 python -m labkit bench decode --load-format dummy \
   --model-shape llama-2-7b --points 1x128 1x256 64x1024 --steps 32 --peers '' 2>&1 | tail -8
