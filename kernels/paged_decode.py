@@ -16,11 +16,6 @@ The Triton kernel (FlashDecoding over a paged cache):
 - split-KV: when batch x Hkv programs cannot fill the GPU, each sequence's context is cut into
   NUM_SPLITS ranges; each program writes its partial output and log-sum-exp, and a second
   kernel combines them: out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse).
-  With `fused_reduce` (off by default until measured on a GPU: LABKIT_DECODE_FUSED_REDUCE=1)
-  there is no second kernel: each program bumps an arrival counter of its (sequence, KV head)
-  after writing its partials (atomic, acq_rel), and the program that arrives last combines
-  them and resets the counter to 0 for the next call (the W4A16 GEMV's split-K pattern). At
-  batch 1 that is one launch less per layer on the decode step's critical path.
 The grid depends only on the batch size and the heads, never on the context lengths (read on
 the device), so a CUDA graph captured at one batch size replays for any lengths. A sequence
 with context_len 0 (a padding row of such a graph) writes zeros.
@@ -28,7 +23,6 @@ with context_len 0 (a padding row of such a graph) writes zeros.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -36,9 +30,6 @@ from kernels._triton import num_sms, pdl_launch, pdl_wait, require_triton, tl, t
 from kernels.paged_kv import attend_ref, gather_kv
 
 __all__ = ["paged_decode_ref", "paged_decode_triton", "decode_num_splits"]
-
-# combine the split-KV partials inside the decode kernel (module switch, like kernels._triton.PDL)
-FUSED_REDUCE = os.environ.get("LABKIT_DECODE_FUSED_REDUCE", "0") == "1"
 
 
 def paged_decode_ref(
@@ -70,12 +61,11 @@ def paged_decode_ref(
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    lock_ptr,                                   # (B, HKV) int32 zeros: split arrivals (fused reduce)
     qk_scale,                                   # softmax scale x log2(e)
     stride_qb, stride_qh, stride_tb, stride_ob, stride_oh,
     BLOCK_SIZE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
     GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -129,31 +119,6 @@ def _decode_kernel(
         tl.store(part_out_ptr + base[:, None] * D + d[None, :], o, mask=g[:, None] < GROUP)
         lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
         tl.store(part_lse_ptr + base, lse, mask=g < GROUP)
-        if FUSED_REDUCE:
-            tl.debug_barrier()           # every thread's partials are written before the count
-            arrived = tl.atomic_add(lock_ptr + b * HKV + h, 1, sem="acq_rel")
-            if arrived == NUM_SPLITS - 1:                        # the last split combines
-                m_run = tl.full([GROUP_P], float("-inf"), tl.float32)
-                den = tl.zeros([GROUP_P], tl.float32)
-                o = tl.zeros([GROUP_P, D], tl.float32)
-                for sp in range(0, NUM_SPLITS):                  # online, like the softmax
-                    at = (b * hq + heads) * NUM_SPLITS + sp      # (GP,)
-                    lse_s = tl.load(part_lse_ptr + at, mask=g < GROUP, other=float("-inf"),
-                                    cache_modifier=".cg")
-                    m_new = tl.maximum(m_run, lse_s)
-                    m_ok = tl.where(m_new > float("-inf"), m_new, 0.0)   # all empty: no inf - inf
-                    scale_old = tl.math.exp2(m_run - m_ok)
-                    w = tl.math.exp2(lse_s - m_ok)                       # 0 for an empty split
-                    o_s = tl.load(part_out_ptr + at[:, None] * D + d[None, :],
-                                  mask=(g[:, None] < GROUP) & (lse_s > float("-inf"))[:, None],
-                                  other=0.0, cache_modifier=".cg")     # (GP, D)
-                    o = o * scale_old[:, None] + o_s * w[:, None]
-                    den = den * scale_old + w
-                    m_run = m_new
-                o = o / tl.where(den > 0, den, 1.0)[:, None]
-                tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                         o.to(out_ptr.dtype.element_ty), mask=g[:, None] < GROUP)
-                tl.atomic_xchg(lock_ptr + b * HKV + h, 0)        # ready for the next call
 
 
 @triton.jit
@@ -185,26 +150,11 @@ def decode_num_splits(batch: int, num_kv_heads: int, device: torch.device, max_s
     return max(1, min(max_splits, math.ceil(target / programs))) if programs < target else 1
 
 
-_LOCKS: dict = {}
-
-
-def _split_locks(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least n arrival counters for this device, made once (and
-    grown, outside CUDA-graph capture, when a bigger batch needs more) so the hot path does no
-    memset; every call leaves it zeroed. Shared by the layers: they run one after another."""
-    have = _LOCKS.get(device)
-    if have is None or have.numel() < n:
-        have = _LOCKS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return have
-
-
 def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
                         num_splits: int | None = None, block_n: int | None = None,
                         num_warps: int = 4, num_stages: int = 2,
-                        out: torch.Tensor | None = None,
-                        fused_reduce: bool | None = None) -> torch.Tensor:
-    """Same contract as `paged_decode_ref`; one launch (two with split-KV unless the reduce is
-    fused: `fused_reduce`, default the module's FUSED_REDUCE), no host sync.
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `paged_decode_ref`; one launch (two with split-KV), no host sync.
     `out` (B, Hq, D), when given, receives the result (tests poison it first)."""
     require_triton()
     B, Hq, D = q.shape
@@ -226,17 +176,15 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out                                          # unused
-    fused = splits > 1 and (FUSED_REDUCE if fused_reduce is None else fused_reduce)
-    locks = _split_locks(q.device, B * Hkv) if fused else context_lens    # (unused if not fused)
     _decode_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, locks,
+        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
         scale * 1.4426950408889634, q.stride(0), q.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         BLOCK_SIZE=block_size, HKV=Hkv, D=D, GROUP=group,
         GROUP_P=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=splits,
-        IEEE=q.dtype == torch.float32, FUSED_REDUCE=fused, PDL=pdl, launch_pdl=pdl,
-        num_warps=num_warps, num_stages=num_stages)
-    if splits > 1 and not fused:
+        IEEE=q.dtype == torch.float32, PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
+        num_stages=num_stages)
+    if splits > 1:
         _reduce_splits_kernel[(B, Hq)](part_out, part_lse, out, out.stride(0), out.stride(1),
                                        HQ=Hq, D=D, NUM_SPLITS=splits,
                                        SPLITS_P=triton.next_power_of_2(splits), PDL=pdl,

@@ -4,7 +4,7 @@ TritonBackend's fusion switches (labkit/layers/backend.py) and programmatic depe
 of 3 runs of 32 steps) at batch x context points.
 
     LABKIT_CACHE=DIR python scripts/gpu_fusion_ab.py [--shape llama-2-7b] [--points 1x256 16x1024]
-        [--combos before pdl pdl+reduce ...]   (--shape llama-2-7b:int4 for the W4A16 dummy model)
+        [--combos before pdl ...]     (--shape llama-2-7b:int4 for the W4A16 dummy model)
     LABKIT_CACHE=DIR python scripts/gpu_fusion_ab.py --recipe    (nano-vllm's recipe instead,
                                                  SmolLM2-135M shape, one engine per setting)
 """
@@ -27,21 +27,17 @@ COMBOS = {"before": dict(fuse_rope_store_kv=True),
           "gate": dict(fuse_rope_store_kv=True, fuse_gate_up_silu=True),
           "pdl+gate": dict(fuse_rope_store_kv=True, pdl=True, fuse_gate_up_silu=True),
           "pdl+gate+norm": dict(fuse_rope_store_kv=True, pdl=True, fuse_gate_up_silu=True,
-                                fuse_norm_linear=True),
-          # the split-KV reduce inside the decode kernel (kernels/paged_decode.py FUSED_REDUCE)
-          "pdl+reduce": dict(fuse_rope_store_kv=True, pdl=True, fused_reduce=True)}
+                                fuse_norm_linear=True)}
 SWITCHES = ("fuse_rope_store_kv", "fuse_norm_linear", "fuse_gate_up_silu")
 
 
 def apply(switches: dict) -> None:
     """Set every switch: those not named are off."""
     import kernels._triton
-    import kernels.paged_decode
     from labkit.layers.backend import TritonBackend
     for n in SWITCHES:
         setattr(TritonBackend, n, switches.get(n, False))
     kernels._triton.PDL = switches.get("pdl", False)
-    kernels.paged_decode.FUSED_REDUCE = switches.get("fused_reduce", False)
 
 
 def main() -> int:
