@@ -82,16 +82,14 @@ DEFAULT_VARIANTS = ("fp,fp-smooth1,k8v8,k4v4,k4v4-fz,k4v4-pre,k4v4-g32,k4v4-clip
 def smoothing_factors(stats_dir, alpha: float, which: str = "key", pow2: bool = False) -> torch.Tensor:
     """(layers, Hkv, D) factors c from K's (V's) calibrated absmax; K's are equal on each RoPE
     pair. pow2: rounded to powers of two (folding them into weights is then exact)."""
+    from labkit.quant import k_smooth
     st = torch.load(f"{stats_dir}/{which}_stats.pth", weights_only=True)
-    a = st["absmax"].float()                                           # (L, Hkv, D)
-    if which == "key":
-        half = a.shape[-1] // 2
-        a = torch.maximum(a[..., :half], a[..., half:])                # (L, Hkv, D/2)
-    c = a.clamp(min=1e-3) ** alpha
-    c = c / c.mean(-1, keepdim=True)                                   # only ratios matter
-    if pow2:
-        c = torch.exp2(torch.round(torch.log2(c)))
-    return torch.cat([c, c], -1) if which == "key" else c              # (L, Hkv, D)
+    if which == "key":                                 # what `labkit lite k_smooth` writes
+        c = k_smooth.smoothing_factors(st["absmax"], alpha)            # (L, Hkv, D)
+    else:                                              # V: no RoPE pairs
+        c = st["absmax"].float().clamp(min=1e-3) ** alpha
+        c = c / c.mean(-1, keepdim=True)                               # only ratios matter
+    return torch.exp2(torch.round(torch.log2(c))) if pow2 else c
 
 
 def install(model, k_bits, v_bits, opts, stats_dir=None):

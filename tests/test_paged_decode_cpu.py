@@ -1,9 +1,8 @@
 """The CPU engine's in-place decode attention (kernels/paged_decode_cpu.py, a Numba kernel)
 against float64 dense attention, on a NaN-poisoned shuffled pool (a row it must not read is NaN):
 fp32 and bf16 caches, block sizes 4/16/32/64, GQA ratios 1/2/3/8, ragged lengths, one-token
-contexts, empty rows,
-fewer sequences than threads (the per-head tasks); the PyTorch op the TorchScript step calls,
-and where `applies` hands the call back to paged_decode_batched."""
+contexts, empty rows, fewer sequences than threads (the per-head tasks); the PyTorch op the
+TorchScript step calls, and where `applies` hands the call back to paged_decode_batched."""
 from __future__ import annotations
 
 import random

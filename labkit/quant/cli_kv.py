@@ -37,7 +37,6 @@ def register(lite_sub) -> None:
     _flag(q, "--num-tp", type=int, default=None,
           help="tensor-parallel ranks to split the heads for (default: the workspace's)")
 
-
     s = _command(lite_sub, "k_smooth", "K smoothing for the int4 KV cache: per-channel factors "
                  "from calibrate's K statistics, folded into w_qkv when the workspace loads "
                  "(q.k unchanged, K rows flatter).", _lazy("labkit.quant.cli_kv", "run_k_smooth"))
