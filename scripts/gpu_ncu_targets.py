@@ -50,11 +50,11 @@ def w4a16(M: int, K=4096, N=11008, G=128):
 
 def gemv(M: int, K=4096, N=11008, G=128):
     from kernels.w4a16 import pack_int4
-    from kernels.w4a16_gemv import pack_planes, w4a16_gemv_triton
+    from kernels.w4a16_gemv import pack_pairs, w4a16_gemv_triton
     qw = pack_int4(torch.randint(0, 16, (N, K), device=DEV, dtype=torch.uint8))
     s = torch.rand(N, K // G, device=DEV, dtype=torch.bfloat16) * 0.01
     z = torch.randint(0, 16, (N, K // G), device=DEV, dtype=torch.uint8)
-    w = pack_planes(qw, s, z, G)
+    w = pack_pairs(qw, s, z, G)
     x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
     return lambda: w4a16_gemv_triton(x, w)
 

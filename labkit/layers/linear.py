@@ -43,7 +43,7 @@ class W4A16Linear(nn.Module):
     """y = x W^T (+ b) with W held as 4-bit codes (kernels/w4a16.py has the layout):
     qweight (out, in/2) uint8, scales (out, in/G) in the model dtype, zeros (out, in/G) uint8.
     On CUDA a decode batch of 1-4 rows runs the W4A16 GEMV (kernels/w4a16_gemv.py) on a copy of
-    the codes repacked once into its "planes" layout, larger batches the tensor-core kernel; bf16
+    the codes repacked once into its "pairs" layout, larger batches the tensor-core kernel; bf16
     rows on the CPU (decode and prefill) run PyTorch's int4 CPU kernel on a copy repacked for it
     (kernels/w4a16_cpu.py); everything else the reference: dequantize the whole weight, multiply.
     The repacked copies are made at load (pack_w4a16_copies) and again if a tensor changes."""
@@ -69,14 +69,14 @@ class W4A16Linear(nn.Module):
         return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def _repacked(self, kind: str):
-        """A kernel's copy of the weight ("gpu": the GEMV's planes, "cpu": PyTorch's int4 CPU
+        """A kernel's copy of the weight ("gpu": the GEMV's pairs layout, "cpu": PyTorch's int4 CPU
         format), made on first use and again if a tensor changes in place or is replaced."""
         tensors = (self.qweight, self.scales, self.zeros)
         key = tuple(t.data_ptr() for t in tensors) + \
             tuple(t._version for t in tensors if not t.is_inference())
         hit = self.__dict__.get("_repacked_" + kind)             # (key, copy)
         if hit is None or hit[0] != key:
-            pack = w4a16_gemv.pack_planes if kind == "gpu" else w4a16_cpu.pack_for_cpu
+            pack = w4a16_gemv.pack_pairs if kind == "gpu" else w4a16_cpu.pack_for_cpu
             hit = (key, pack(*tensors, self.group_size))
             self.__dict__["_repacked_" + kind] = hit              # not a buffer: not saved, not moved
         return hit[1]
@@ -91,7 +91,7 @@ DECODER_LINEARS = ("attention.w_qkv", "attention.wo", "feed_forward.w13", "feed_
 
 def pack_w4a16_copies(model: nn.Module) -> int:
     """Make every W4A16Linear's kernel copy now, at load time, not in the first decode step: on
-    CUDA the GEMV's planes (before any CUDA graph is captured, and counted in the memory the KV
+    CUDA the GEMV's pairs layout (before any CUDA graph is captured, and counted in the memory the KV
     cache is sized from), on a bf16 CPU model the int4 CPU kernel's format (~0.5 s for the
     bundled model: a latency spike for the first request and a skewed first benchmark point).
     Returns how many layers were packed."""
