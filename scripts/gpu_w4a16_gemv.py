@@ -37,8 +37,9 @@ G = 128
 SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096),   # Llama-2-7B per layer
           (4096, 11008), (4096, 14336)]                                # issue 10's others
 MS = [1, 2, 4]
-SWEEP = [dict(BLOCK_N=bn, GPI=1, WAVES=wv, num_warps=w)
-         for bn in (32, 64, 128) for w in (2, 4, 8) for wv in (4, 8, 12)]
+SWEEP = [dict(BLOCK_N=bn, GPI=gpi, WAVES=wv, num_warps=w, **({"maxnreg": r} if r else {}))
+         for bn in (32, 64, 128) for w in (1, 2, 4) for gpi in (1, 2) for wv in (6, 10)
+         for r in (None, 96)]
 
 
 def resolve(cfg: dict, N: int, K: int) -> dict:
@@ -98,6 +99,7 @@ def main() -> int:
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--json", default="gpu_w4a16_gemv.json")
     ap.add_argument("--shapes", type=int, default=len(SHAPES), help="bench only the first N shapes")
+    ap.add_argument("--ms", type=int, nargs="+", default=MS, help="rows of x to bench")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="end-to-end batch sizes")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -105,7 +107,7 @@ def main() -> int:
     dev = torch.cuda.get_device_name()
     rows = []
     for K, N in SHAPES[:args.shapes]:
-        for M in MS:
+        for M in args.ms:
             r = bench_shape(K, N, M, sweep=not args.no_sweep)
             rows.append(r)
             print(f"K={K} N={N} M={M}: cuBLAS {r['us_cublas']:.1f} us, tensor-core {r['us_tc']:.1f}, "
@@ -136,7 +138,7 @@ def main() -> int:
         print(f"{r['K']:>6} {r['N']:>6} {r['M']:>2} | {r['us_cublas']:>9.1f} {r['tbs_cublas']:>5.2f} | "
               f"{r['us_tc']:>6.1f} {r['x_tc']:>5.2f} | {r['us_default']:>7.1f} {r['x_default']:>6.2f} | "
               f"{r['us_best']:>7.1f} {r['tbs_best']:>5.2f} {r['x_best']:>6.2f} | {r['rel_err']:.0e} "
-              f"BN{b['BLOCK_N']} GPI{b['GPI']} S{b['SPLIT']} w{b['num_warps']}")
+              f"BN{b['BLOCK_N']} GPI{b['GPI']} S{b['SPLIT']} w{b['num_warps']} r{b.get('maxnreg', '-')}")
     for batch, e in e2e.items():
         print(f"end to end, Llama-2-7B shape, batch {batch} decode: " + (
             f"bf16 {e['bf16_tok_s']:.1f} tok/s, int4 {e['int4_tok_s']:.1f} tok/s, {e['speedup']:.2f}x"
