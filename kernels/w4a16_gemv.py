@@ -23,7 +23,9 @@ Layout ("pairs"; made once at load from the stored layout of kernels/w4a16.py, s
                                 its mantissa step is 1. x, read as int32, pairs the same columns:
                                 x32[4j + i] = (x[8j+2i] low half, x[8j+2i+1] high half).
     scales_t (K/G, N) float32   the stored (N, K/G) scales and zeros transposed, so a block of
-    zeros_t  (K/G, N) int32     rows reads one coalesced run per group.
+    zeros_t  (K/G, N) int32     rows reads one coalesced run per group. (In 32 bits, as measured:
+                                8 bytes per row and group beside 64 of codes at G = 128; bf16
+                                and uint8 copies would read 7% fewer bytes, not yet measured.)
 
 Per word (8 codes) and row of x, in inline PTX (`_asm`):
     3 shifts + 4 lop3       the four pairs 128 + q, exact
@@ -56,7 +58,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import HAS_TRITON, interpreted, num_sms, pdl_launch, pdl_wait, require_triton, tl, triton
+from kernels._triton import (HAS_TRITON, interpreted, num_sms, pdl_launch, pdl_wait,
+                             require_triton, tl, triton)
 from kernels.w4a16 import check_int4_shapes, unpack_int4
 
 __all__ = ["GEMV_MAX_ROWS", "PairsWeight", "pack_pairs", "unpack_pairs", "w4a16_gemv_ref",
@@ -72,8 +75,8 @@ class PairsWeight:
     zeros: torch.Tensor        # (N, K/G) uint8
     group_size: int
     locks: torch.Tensor        # (N,) int32 zeros: split-K arrival counters, reset by the kernel
-    scales_t: torch.Tensor     # (K/G, N) float32 copies: one coalesced run per group
-    zeros_t: torch.Tensor      # (K/G, N) int32
+    scales_t: torch.Tensor     # (K/G, N) float32 copies for the kernel: a block of rows reads
+    zeros_t: torch.Tensor      # (K/G, N) int32  one coalesced run per group
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -196,21 +199,23 @@ def _row_sum_plain(w, zf, x_ptr, col0, ok):
 
 @triton.jit
 def _load_step(w_ptrs, s_ptr, z_ptr, n, n_ok, g, g_ok, N, GW: tl.constexpr):
+    """One step's code words (BN, GPI, GW) int32 and its scales (float32) and zeros (int32),
+    (BN, GPI, 1) each, read from their (K/G, N) copies."""
     w = tl.load(w_ptrs + (g * GW)[None, :, None], mask=n_ok[:, None, None] & g_ok[None, :, None],
                 other=0)
     sz = g[None, :] * N + n[:, None]                                   # (BN, GPI)
     sz_ok = n_ok[:, None] & g_ok[None, :]
-    s = tl.load(s_ptr + sz, mask=sz_ok, other=0.0)[:, :, None]         # (BN, GPI, 1) fp32
-    z = tl.load(z_ptr + sz, mask=sz_ok, other=0)[:, :, None]           # (BN, GPI, 1) int32
+    s = tl.load(s_ptr + sz, mask=sz_ok, other=0.0).to(tl.float32)[:, :, None]   # (BN, GPI, 1)
+    z = tl.load(z_ptr + sz, mask=sz_ok, other=0).to(tl.int32)[:, :, None]
     return w, s, z
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, qp_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
-                       N, NG, GROUPS_PER_SPLIT, SPLIT, stride_xm, stride_qn, stride_ym,
-                       M: tl.constexpr, GW: tl.constexpr, BLOCK_N: tl.constexpr,
-                       GPI: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       ASM: tl.constexpr, PDL: tl.constexpr):
+                 N, NG, GROUPS_PER_SPLIT, SPLIT, stride_xm, stride_qn, stride_ym,
+                 M: tl.constexpr, GW: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr,
+                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+                 PDL: tl.constexpr):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # (BN,) output features
     n_ok = n < N
