@@ -47,6 +47,19 @@ class Recorder:
         runner.execute = recording_execute
 
 
+def _assert_steps_close(ra, rb, outs_a, outs_b, atol=0.15):
+    """Per-step logits of two recorded runs within bf16 tolerance, each request up to the first
+    step where their tokens part; at least 8 steps of 8 requests compared."""
+    compared = 0
+    for oa, ob in zip(outs_a, outs_b):
+        for step, (la, lb) in enumerate(zip(ra.steps[oa.request_id], rb.steps[ob.request_id])):
+            torch.testing.assert_close(lb, la, atol=atol, rtol=0.05)
+            compared += 1
+            if oa.token_ids[step] != ob.token_ids[step]:
+                break                    # after a near-tie flips, the inputs differ
+    assert compared >= 8 * 8
+
+
 def _run(engine, ids_only=True):
     outs = engine.generate(PROMPTS, GREEDY16)
     return [o.token_ids for o in outs] if ids_only else outs
@@ -67,14 +80,7 @@ def test_triton_backend_matches_torch_fp32():
 def test_triton_backend_bf16_logits_within_tolerance():
     a, b = (_engine(_model(), be, "bfloat16", "cuda") for be in ("torch", "triton"))
     ra, rb = Recorder(a), Recorder(b)
-    compared = 0
-    for oa, ob in zip(_run(a, False), _run(b, False)):
-        for step, (la, lb) in enumerate(zip(ra.steps[oa.request_id], rb.steps[ob.request_id])):
-            torch.testing.assert_close(lb, la, atol=0.1, rtol=0.05)
-            compared += 1
-            if oa.token_ids[step] != ob.token_ids[step]:
-                break                    # after a near-tie flips, the inputs differ
-    assert compared >= 8 * 8
+    _assert_steps_close(ra, rb, _run(a, False), _run(b, False), atol=0.1)
 
 
 @pytest.mark.gpu
@@ -144,11 +150,25 @@ def test_int4_engine_graphs_match_eager_and_reference_gpu():
     finally:
         gemv.GEMV_MAX_ROWS = cut
     outs = _run(graphs, False)
-    compared = 0
-    for oa, ob in zip(outs_ref, outs):
-        for step, (la, lb) in enumerate(zip(ra.steps[oa.request_id], rb.steps[ob.request_id])):
-            torch.testing.assert_close(lb, la, atol=0.15, rtol=0.05)
-            compared += 1
-            if oa.token_ids[step] != ob.token_ids[step]:
-                break
-    assert compared >= 8 * 8
+    _assert_steps_close(ra, rb, outs_ref, outs)
+
+
+@pytest.mark.gpu
+def test_int4_engine_frag_kernel_gpu():
+    """The same with `W4A16Linear.gpu_kernel = "frag"` (kernels/w4a16_frag.py serves decode
+    batches and prefill chunks of up to 64 rows): CUDA graphs on and off give the same tokens,
+    and per-step logits stay within bf16 tolerance of the default kernels' engine."""
+    from labkit.layers.linear import W4A16Linear
+    model = "dummy:smollm2-135m:int4-g64"
+    default = _engine(model, "triton", "bfloat16", "cuda", enforce_eager=True)
+    W4A16Linear.gpu_kernel = "frag"
+    try:
+        eager = _engine(model, "triton", "bfloat16", "cuda", enforce_eager=True)
+        graphs = _engine(model, "triton", "bfloat16", "cuda")
+        assert graphs.runner.graphs is not None
+        assert _run(graphs) == _run(eager)
+        ra, rb = Recorder(default), Recorder(graphs)
+        outs_ref, outs = _run(default, False), _run(graphs, False)
+    finally:
+        W4A16Linear.gpu_kernel = "gemv"
+    _assert_steps_close(ra, rb, outs_ref, outs)

@@ -13,10 +13,12 @@ most 16 rows in bf16 a Triton kernel that streams the weights faster (kernels/ge
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
-from kernels import w4a16_cpu, w4a16_gemv
+from kernels import w4a16_cpu, w4a16_frag, w4a16_gemv
 from kernels._triton import HAS_TRITON
 from kernels.w4a16 import w4a16_linear
 from labkit.layers.backend import TORCH
@@ -46,7 +48,15 @@ class W4A16Linear(nn.Module):
     the codes repacked once into its "pairs" layout, larger batches the tensor-core kernel; bf16
     rows on the CPU (decode and prefill) run PyTorch's int4 CPU kernel on a copy repacked for it
     (kernels/w4a16_cpu.py); everything else the reference: dequantize the whole weight, multiply.
-    The repacked copies are made at load (pack_w4a16_copies) and again if a tensor changes."""
+    The repacked copies are made at load (pack_w4a16_copies) and again if a tensor changes.
+
+    `gpu_kernel = "frag"` (class-wide; LABKIT_W4A16=frag) sends CUDA batches of up to
+    FRAG_MAX_ROWS rows to the tensor-core kernel of kernels/w4a16_frag.py instead, on a copy in
+    its fragment order: written and checked on the CPU (interpreter, sm_90 SASS), not yet timed
+    on a GPU, so not the default (docs/PERF.md)."""
+
+    gpu_kernel = os.environ.get("LABKIT_W4A16", "gemv")
+    FRAG_MAX_ROWS = 64
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
         super().__init__()
@@ -61,6 +71,8 @@ class W4A16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if x.is_cuda and HAS_TRITON and rows <= self.FRAG_MAX_ROWS and self._frag_ok():
+            return w4a16_frag.w4a16_frag_triton(x, self._repacked("frag"), self.bias)
         if x.is_cuda and HAS_TRITON and rows <= w4a16_gemv.GEMV_MAX_ROWS:
             return w4a16_gemv.w4a16_gemv_triton(x, self._repacked("gpu"), self.bias)
         if (x.device.type == "cpu" and x.dtype == torch.bfloat16
@@ -68,15 +80,22 @@ class W4A16Linear(nn.Module):
             return w4a16_cpu.w4a16_linear_cpu(x, *self._repacked("cpu"), self.group_size, self.bias)
         return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
+    def _frag_ok(self) -> bool:
+        """The frag kernel is chosen and the layout holds this shape."""
+        return (self.gpu_kernel == "frag" and self.out_features % 16 == 0
+                and self.in_features % 64 == 0)
+
     def _repacked(self, kind: str):
-        """A kernel's copy of the weight ("gpu": the GEMV's pairs layout, "cpu": PyTorch's int4 CPU
-        format), made on first use and again if a tensor changes in place or is replaced."""
+        """A kernel's copy of the weight ("gpu": the GEMV's pairs layout, "frag": the tensor-core
+        kernel's fragment order, "cpu": PyTorch's int4 CPU format), made on first use and again
+        if a tensor changes in place or is replaced."""
         tensors = (self.qweight, self.scales, self.zeros)
         key = tuple(t.data_ptr() for t in tensors) + \
             tuple(t._version for t in tensors if not t.is_inference())
         hit = self.__dict__.get("_repacked_" + kind)             # (key, copy)
         if hit is None or hit[0] != key:
-            pack = w4a16_gemv.pack_pairs if kind == "gpu" else w4a16_cpu.pack_for_cpu
+            pack = {"gpu": w4a16_gemv.pack_pairs, "frag": w4a16_frag.pack_frag,
+                    "cpu": w4a16_cpu.pack_for_cpu}[kind]
             hit = (key, pack(*tensors, self.group_size))
             self.__dict__["_repacked_" + kind] = hit              # not a buffer: not saved, not moved
         return hit[1]
@@ -100,7 +119,7 @@ def pack_w4a16_copies(model: nn.Module) -> int:
         if not isinstance(m, W4A16Linear):
             continue
         if m.qweight.is_cuda and HAS_TRITON:
-            m._repacked("gpu")
+            m._repacked("frag" if m._frag_ok() else "gpu")
         elif (m.qweight.device.type == "cpu" and m.scales.dtype == torch.bfloat16
               and w4a16_cpu.supported(m.qweight, m.group_size)):
             m._repacked("cpu")

@@ -1,0 +1,141 @@
+"""The tensor-core W4A16 kernel with fragment-ordered words (kernels/w4a16_frag.py) against a
+float64 dequantize-then-matmul computed from the drawn codes, on fresh random codes, scales,
+zeros and inputs; outputs poisoned with NaN first.
+
+On CPU the kernel runs in the Triton interpreter at small shapes (its float32 dequantization:
+the interpreter runs no PTX; x in float32 and float16, as for the other W4A16 kernels), with
+split-K on; with a GPU (marker `gpu`) at Llama-2-7B shapes through the bf16 PTX path and the
+float32 path. The frag layout is checked bit by bit against the kernel file's description.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+try:
+    _CUDA = torch.cuda.is_available()
+except Exception:   # pragma: no cover
+    _CUDA = False
+if not _CUDA:       # read when the kernel file is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels._triton import HAS_TRITON  # noqa: E402
+from kernels.w4a16 import pack_int4  # noqa: E402
+from kernels.w4a16_frag import (pack_frag, unpack_frag, w4a16_frag_ref,  # noqa: E402
+                                w4a16_frag_triton)
+
+DEV = "cuda" if _CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+
+
+def random_frag(N: int, K: int, G: int, dtype=torch.float32, device=DEV):
+    """Fresh codes, scales 0.01-0.1, zero points anywhere in 0..15; packed to the frag layout."""
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    scales = (torch.rand(N, K // G) * 0.09 + 0.01).to(dtype)
+    zeros = torch.randint(0, 16, (N, K // G), dtype=torch.uint8)
+    return q, pack_frag(pack_int4(q).to(device), scales.to(device), zeros.to(device), G)
+
+
+def reference64(x, q, scales, zeros, G):
+    """float64 from the drawn codes: W[n, k] = (q[n, k] - z[n, k//G]) s[n, k//G]; y = x W^T."""
+    w = (q.double() - zeros.cpu().double().repeat_interleave(G, 1)) \
+        * scales.cpu().double().repeat_interleave(G, 1)                  # (N, K)
+    return x.reshape(-1, q.shape[1]).cpu().double() @ w.T                # (M, N)
+
+
+def rel_err(y, ref):
+    return float((y.cpu().double() - ref).abs().max() / ref.abs().max())
+
+
+# ---------------------------------------------------------------------------- layout
+def test_frag_bit_by_bit():
+    N, K, G = 32, 128, 64
+    q, w = random_frag(N, K, G, device="cpu")
+    assert w.words.shape == (N // 16, K // 16, 32) and w.words.dtype == torch.int32
+    flat = w.words.view(-1)
+    for R in range(N // 16):
+        for Q in range(K // 16):
+            for lane in range(32):
+                r, c = divmod(lane, 4)
+                word = int(flat[((R * (K // 64) + Q // 4) * 32 + lane) * 4 + Q % 4]) & 0xFFFFFFFF
+                for i in range(4):              # pair i: row r + 8 (i // 2), columns 8 (i % 2) + 2c
+                    row, col = 16 * R + r + 8 * (i // 2), 16 * Q + 8 * (i % 2) + 2 * c
+                    assert (word >> (4 * i)) & 15 == int(q[row, col])
+                    assert (word >> (16 + 4 * i)) & 15 == int(q[row, col + 1])
+    assert torch.equal(unpack_frag(w), q)
+
+
+def test_reference_matches_float64():
+    G = 64
+    q, w = random_frag(48, 192, G, device="cpu")
+    x = torch.randn(3, 192, dtype=torch.float64)
+    torch.testing.assert_close(w4a16_frag_ref(x, w), reference64(x, q, w.scales, w.zeros, G),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_shapes_the_layout_cannot_hold():
+    q = torch.randint(0, 16, (24, 128), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="out_features % 16"):
+        pack_frag(pack_int4(q), torch.ones(24, 2), torch.zeros(24, 2, dtype=torch.uint8), 64)
+    q = torch.randint(0, 16, (16, 96), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="in_features % 64"):
+        pack_frag(pack_int4(q), torch.ones(16, 3), torch.zeros(16, 3, dtype=torch.uint8), 32)
+
+
+# ---------------------------------------------------------------------------- kernel, CPU sizes
+CASES = [(1, 32, 128, 64), (3, 48, 192, 32), (5, 16, 256, 128), (16, 64, 320, 64),
+         (21, 32, 128, 32), (40, 16, 64, 64)]
+
+
+@needs_triton
+@pytest.mark.parametrize("M,N,K,G", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_matches_float64(M, N, K, G, dtype):
+    q, w = random_frag(N, K, G, dtype)
+    x = torch.randn(M, K, dtype=dtype, device=DEV)
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+    y = w4a16_frag_triton(x, w, out=out)
+    assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert rel_err(y, reference64(x, q, w.scales, w.zeros, G)) < tol
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [1, 3])
+def test_bias_split_and_batch_dims(split):
+    q, w = random_frag(32, 256, 64)
+    x = torch.randn(2, 3, 256, device=DEV)
+    bias = torch.randn(32, device=DEV)
+    y = w4a16_frag_triton(x, w, bias, SPLIT_K=split)
+    assert y.shape == (2, 3, 32)
+    ref = reference64(x, q, w.scales, w.zeros, 64) + bias.cpu().double()
+    assert rel_err(y.reshape(6, 32), ref) < 1e-5
+
+
+@needs_triton
+def test_bad_input_is_refused():
+    _, w = random_frag(16, 128, 64)
+    with pytest.raises(ValueError, match="in_features=128"):
+        w4a16_frag_triton(torch.randn(2, 64, device=DEV), w)
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        w4a16_frag_triton(torch.randn(2, 128, device=DEV), w, BLOCK_K=32)
+
+
+# ---------------------------------------------------------------------------- GPU, real shapes
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288)])
+@pytest.mark.parametrize("M", [1, 4, 16, 64])
+@pytest.mark.parametrize("G", [64, 128])
+@pytest.mark.parametrize("asm", [True, False])
+def test_gpu_real_shapes(K, N, M, G, asm):
+    q, w = random_frag(N, K, G, torch.bfloat16)
+    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    ref = reference64(x, q, w.scales, w.zeros, G)
+    for _ in range(2):
+        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
+        y = w4a16_frag_triton(x, w, out=out, asm=asm)
+        assert not torch.isnan(y).any()
+        assert rel_err(y, ref) < 1e-2
