@@ -36,7 +36,7 @@ kernels/w4a16_gemm.py's tile). The interpreter (and x in float16/float32) takes 
 with the dequantization in float32 Triton operations (`ASM=False`).
 
     w4a16_frag_ref(x, w)         the reference: dequantize, then F.linear
-    w4a16_frag_triton(x, w)      the kernel, same contract, any M (tiles for M <= 64)
+    w4a16_frag_triton(x, w)      the kernel, same contract, any M
     pack_frag(qweight, scales, zeros, group_size) -> FragWeight;  unpack_frag(w) -> codes
 """
 from __future__ import annotations
@@ -249,9 +249,11 @@ def _config(M: int, N: int, K: int, device) -> dict:
     if interpreted():
         return dict(BLOCK_N=16 if N % 32 else 32, BLOCK_M=16, BLOCK_K=64, SPLIT_K=2, num_warps=1,
                     num_stages=1)
+    bk = 128 if K % 128 == 0 else 64
+    if M > 64:                       # compute-bound: two warpgroups, a 128 x 128 output tile
+        return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=bk, SPLIT_K=1, num_warps=8, num_stages=3)
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
     bn = 128 if bm <= 32 and N >= 2048 else 64
-    bk = 128 if K % 128 == 0 else 64
     tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
     split = max(1, min(K // (2 * bk), triton.cdiv(4 * num_sms(device), tiles)))
     return dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=3)

@@ -11,7 +11,7 @@
 #   bash scripts/gpu_pending.sh 2   (~8 minutes)
 #     4. the tensor-core W4A16 kernel in fragment order (kernels/w4a16_frag.py): its GPU tests
 #        (bf16 PTX and float32 paths, the engine with gpu_kernel = "frag"), its speed against
-#        cuBLAS and today's kernels at M = 1..64 with a tile sweep, and decode end to end.
+#        cuBLAS and today's kernels at M = 1..256 with a tile sweep, and decode end to end.
 # Each step prints its own table; record the results in docs/PERF.md.
 set -u
 export LABKIT_CACHE=${LABKIT_CACHE:-$PWD/.labkit_cache}
@@ -24,6 +24,6 @@ if [ "$part" = 1 ]; then
 else
   timeout 150 python -m pytest -q -o addopts="" -m gpu -p no:cacheprovider tests/test_w4a16_frag.py \
       "tests/test_engine_backends.py::test_int4_engine_frag_kernel_gpu" 2>&1 | tail -6
-  timeout 420 python scripts/gpu_w4a16_frag.py --shapes 4 --ms 1 4 16 64 --batches 1 4 16 2>&1 \
+  timeout 420 python scripts/gpu_w4a16_frag.py --shapes 4 --ms 1 4 16 64 256 --batches 1 4 16 2>&1 \
       | grep -v skip | tail -24
 fi

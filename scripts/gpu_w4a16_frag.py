@@ -38,18 +38,20 @@ from kernels.w4a16 import dequantize_int4, w4a16_linear  # noqa: E402
 G = 128
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336),     # issue 10
           (4096, 12288), (4096, 22016)]                                  # 7B fused qkv, gate/up
-MS = [1, 2, 4, 8, 16, 32, 64]
+MS = [1, 2, 4, 8, 16, 32, 64, 256]
 SWEEP = [dict(BLOCK_N=bn, BLOCK_K=128, WAVES=wv, num_warps=w, num_stages=st)
          for bn in (64, 128) for wv in (1, 2, 4) for w in (4, 8) for st in (3, 4)]
+SWEEP_LARGE_M = [dict(BLOCK_N=bn, BLOCK_K=bk, WAVES=0, num_warps=8, num_stages=st)   # M > 64
+                 for bn in (128, 256) for bk in (64, 128) for st in (3, 4)]
 
 
 def resolve(cfg: dict, M: int, N: int, K: int) -> dict:
     """WAVES -> SPLIT_K (about WAVES programs per SM, each at least two K tiles); BLOCK_M."""
     cfg = dict(cfg)
     waves = cfg.pop("WAVES")
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
     tiles = -(-N // cfg["BLOCK_N"]) * -(-M // bm)
-    split = max(1, min(K // (2 * cfg["BLOCK_K"]), -(-waves * num_sms() // tiles)))
+    split = 1 if waves == 0 else max(1, min(K // (2 * cfg["BLOCK_K"]), -(-waves * num_sms() // tiles)))
     return dict(cfg, BLOCK_M=bm, SPLIT_K=split)
 
 
@@ -76,7 +78,7 @@ def bench_shape(K: int, N: int, M: int, sweep: bool) -> dict:
     t_default = graph_time(lambda i: frag.w4a16_frag_triton(x, frags[i]), n4)
     best, t_best, e_best = {}, t_default, err({})
     if sweep:
-        for cfg in SWEEP:
+        for cfg in (SWEEP if M <= 64 else SWEEP_LARGE_M):
             cfg = resolve(cfg, M, N, K)
             try:
                 e = err(cfg)

@@ -127,7 +127,7 @@ def test_bad_input_is_refused():
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288)])
-@pytest.mark.parametrize("M", [1, 4, 16, 64])
+@pytest.mark.parametrize("M", [1, 4, 16, 64, 256])
 @pytest.mark.parametrize("G", [64, 128])
 @pytest.mark.parametrize("asm", [True, False])
 def test_gpu_real_shapes(K, N, M, G, asm):
