@@ -35,6 +35,11 @@ runs ~3.2 instructions per code at 16 rows of x, BLOCK_N = BLOCK_K = 128 (4.8 fo
 kernels/w4a16_gemm.py's tile). The interpreter (and x in float16/float32) takes the same path
 with the dequantization in float32 Triton operations (`ASM=False`).
 
+Split-K in one launch, as kernels/w4a16_gemv.py does it: with SPLIT > 1 the K range of an
+output tile is shared by SPLIT programs; each writes its fp32 partial sums, bumps the tile's
+counter (atomic, acq_rel), and the program that arrives last adds the partials (+ bias), writes
+y and resets the counter. The counters (`locks`) belong to the packed weight.
+
     w4a16_frag_ref(x, w)         the reference: dequantize, then F.linear
     w4a16_frag_triton(x, w)      the kernel, same contract, any M
     pack_frag(qweight, scales, zeros, group_size) -> FragWeight;  unpack_frag(w) -> codes
@@ -47,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._triton import HAS_TRITON, interpreted, num_sms, require_triton, tl, triton
-from kernels.w4a16 import check_int4_shapes, split_k_plan, sum_splits, unpack_int4
+from kernels.w4a16 import check_int4_shapes, unpack_int4
 
 __all__ = ["FragWeight", "pack_frag", "unpack_frag", "w4a16_frag_ref", "w4a16_frag_triton"]
 
@@ -60,6 +65,9 @@ class FragWeight:
     group_size: int
     scales_t: torch.Tensor     # (K/G, N) the kernel's copies
     zeros_t: torch.Tensor      # (K/G, N) int32
+    locks: torch.Tensor        # (N/4,) int32 zeros: split-K arrival counters, one per output
+                               # tile (<= N/16 row blocks x 4 tiles of 16 rows of x), reset by
+                               # the kernel
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -84,7 +92,8 @@ def pack_frag(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
             words |= (t[..., h, e, 0] << (4 * i)) | (t[..., h, e, 1] << (16 + 4 * i))
     words = words.view(N // 16, K // 64, 4, 32).transpose(2, 3)          # (R, Q/4, lane, chunk)
     return FragWeight(words.contiguous().view(N // 16, K // 16, 32), scales, zeros, group_size,
-                      scales.t().contiguous(), zeros.t().to(torch.int32).contiguous())
+                      scales.t().contiguous(), zeros.t().to(torch.int32).contiguous(),
+                      torch.zeros(N // 4, dtype=torch.int32, device=q.device))
 
 
 def unpack_frag(w: FragWeight) -> torch.Tensor:
@@ -191,10 +200,11 @@ def _group(s_ptr, z_ptr, g, N, row, ok):
 
 
 @triton.jit
-def _frag_kernel(x_ptr, wd_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
-                 stride_xm, stride_ym, stride_ysplit,
+def _frag_kernel(x_ptr, wd_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K,
+                 K_PER_SPLIT, SPLIT, stride_xm, stride_ym,
                  GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_K: tl.constexpr, ASM: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 ASM: tl.constexpr, IEEE: tl.constexpr):
     NB: tl.constexpr = BLOCK_N // 16                               # row blocks of the tile
     dt = x_ptr.dtype.element_ty
     pid, pid_s = tl.program_id(0), tl.program_id(1)
@@ -239,8 +249,24 @@ def _frag_kernel(x_ptr, wd_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
             else:
                 acc = tl.dot(a, xt, acc)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    y = y_ptr + pid_s.to(tl.int64) * stride_ysplit + m[None, :] * stride_ym + n[:, None]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(n < N)[:, None] & m_ok[None, :])
+    ok = (n < N)[:, None] & m_ok[None, :]
+    mn = m[None, :] * N + n[:, None]                               # (BN, BM) in an (M, N) array
+    last = True
+    if SPLIT_K:      # partials (SPLIT, M, N) fp32; the last program of the tile adds them up
+        tl.store(part_ptr + pid_s * M * N + mn, acc, mask=ok)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+        last = arrived == SPLIT - 1
+        if last:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for sp in range(0, SPLIT):
+                acc += tl.load(part_ptr + sp * M * N + mn, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(lock_ptr + pid, 0)
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + m[None, :] * stride_ym + n[:, None], acc.to(y_ptr.dtype.element_ty),
+                 mask=ok)
 
 
 def _config(M: int, N: int, K: int, device) -> dict:
@@ -284,11 +310,16 @@ def w4a16_frag_triton(x: torch.Tensor, w: FragWeight, bias: torch.Tensor | None 
     if bk % 64 or K % bk or bn % 16:
         raise ValueError(f"BLOCK_K={bk} must be a multiple of 64 dividing in_features={K}, "
                          f"and BLOCK_N={bn} a multiple of 16")
-    k_per_split, split, dst = split_k_plan(y, K, bk, split, bias)
-    grid = (triton.cdiv(N, bn) * triton.cdiv(M, bm), split)
-    _frag_kernel[grid](x2, w.words, w.scales_t, w.zeros_t, dst, M, N, K, k_per_split,
-                       x2.stride(0), dst.stride(-2), dst.stride(0) if dst is not y else 0,
-                       GROUP=w.group_size, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, ASM=asm,
-                       IEEE=x.dtype == torch.float32, **cfg)
-    sum_splits(dst, y, bias)
+    k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk      # whole K tiles per split
+    split = triton.cdiv(K, k_per_split)
+    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    if split > 1 and tiles > w.locks.numel():
+        raise ValueError(f"SPLIT_K={split} needs one counter per output tile: {tiles} tiles of "
+                         f"{bn} x {bm} for {w.locks.numel()} counters; use fewer rows or no split")
+    part = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else y
+    _frag_kernel[(tiles, split)](
+        x2, w.words, w.scales_t, w.zeros_t, bias if bias is not None else y, y, part, w.locks,
+        M, N, K, k_per_split, split, x2.stride(0), y.stride(0), GROUP=w.group_size, BLOCK_N=bn,
+        BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split > 1, HAS_BIAS=bias is not None, ASM=asm,
+        IEEE=x.dtype == torch.float32, **cfg)
     return y.view(*lead, N)
