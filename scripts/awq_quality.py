@@ -2,7 +2,8 @@
 (16 x 1024 tokens, never seen by calibration) measured by HF transformers on the dequantized
 weights, for: unquantized, RTN g64, AWQ alpha 0.5 g64 and AWQ --search-scale g64 (each also
 with --auto-clip); and RTN g32, aligned to the bundled Q4_1 GGUF blocks (same steps and codes;
-the AWQ format's integer zero point is what it loses against them, notebook 09).
+the AWQ format's integer zero point is what it loses against them, notebook 09), and AWQ with
+--auto-clip at g32.
 
     python scripts/awq_quality.py [--out build/awq_quality.json] [--calib-samples 32]
                                   [--rows "awq g64 alpha 0.5 clip" ...]
@@ -49,7 +50,9 @@ def main() -> None:
                                               ("awq g64 alpha 0.5 clip", 64, "awq", False, True),
                                               ("awq g64 search", 64, "awq", True, False),
                                               ("awq g64 search clip", 64, "awq", True, True),
-                                              ("rtn g32", 32, "rtn", False, False)]:
+                                              ("rtn g32", 32, "rtn", False, False),
+                                              ("awq g32 alpha 0.5 clip", 32, "awq", False, True),
+                                              ("awq g32 search clip", 32, "awq", True, True)]:
         if args.rows and name not in args.rows:
             continue
         t0 = time.perf_counter()

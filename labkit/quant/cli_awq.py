@@ -27,8 +27,9 @@ def register(lite_sub, command, flag) -> None:
     flag(p, "--search-scale", action="store_true",
          help="grid-search AWQ's alpha (20 points) per group instead of alpha = 0.5")
     flag(p, "--auto-clip", action="store_true",
-         help="AutoAWQ's weight clipping after smoothing: per group, the range (1.0 .. 0.55 of "
-              "max|w|) with the smallest output error on calibration tokens (wo, w13, w2)")
+         help="weight clipping after smoothing (AutoAWQ's auto_clip, each end of the range on "
+              "its own): per group, the range [r_lo min, r_hi max], r in 1.0 .. 0.55, with the "
+              "smallest output error on calibration tokens")
     flag(p, "--rtn", action="store_true",
          help="plain round-to-nearest, no AWQ smoothing (the baseline AWQ is compared with)")
     flag(p, "--device", default="cpu", help="where calibration runs: cpu | cuda | cuda:N")
