@@ -130,10 +130,13 @@ def labkit_popen():
 
 @pytest.fixture(scope="session")
 def prompts_and_reference():
-    """(seed, 10 varied chat prompts, HF `generate`'s greedy 32 tokens for each): fresh prompts
-    each run, computed once for every engine test file that compares with HF."""
+    """(seed, 11 chat prompts, HF `generate`'s greedy 32 tokens for each): 10 varied prompts,
+    fresh each run, then a question the model answers in 8-11 tokens, so that some request
+    always stops on eos before the length limit (a random draw alone missed that once);
+    computed once for every engine test file that compares with HF."""
     import random
-    from tests.helpers import hf_generate, make_prompts
+    from tests.helpers import SHORT_ANSWERS, hf_generate, make_prompts
     seed = random.randrange(2**31)
     prompts = make_prompts(10, seed)
+    prompts.append([{"role": "user", "content": random.Random(seed).choice(SHORT_ANSWERS)}])
     return seed, prompts, [hf_generate(p) for p in prompts]

@@ -70,6 +70,9 @@ def hf_tokenizer(model: str = "smollm2-135m"):
 TOPICS = ["the moon", "rust programming", "a cat named Tofu", "tensor parallelism", "bread baking",
           "the French revolution", "prime numbers", "jazz", "volcanoes", "KV caches", "sailing",
           "photosynthesis", "chess openings", "the number zero"]
+SHORT_ANSWERS = ["What is 2 + 2? Answer with a number only.",      # 8, 9, 11 tokens with eos
+                 "Reply with one word: is the sky blue?",          # (SmolLM2-135M, greedy)
+                 "Translate 'cat' to French. One word."]
 FORMS = ["Write one sentence about {}.", "Tell me a short story about {}.",
          "What are three facts about {}? Answer briefly.", "Explain {} to a child.",
          "Give me a poem on {}, four lines.", "{}"]
