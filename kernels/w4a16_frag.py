@@ -49,10 +49,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kernels._triton import HAS_TRITON, interpreted, num_sms, require_triton, tl, triton
-from kernels.w4a16 import check_int4_shapes, unpack_int4
+from kernels.w4a16 import check_int4_shapes, pack_int4, unpack_int4, w4a16_linear_ref
 
 __all__ = ["FragWeight", "pack_frag", "unpack_frag", "w4a16_frag_ref", "w4a16_frag_triton"]
 
@@ -107,12 +106,9 @@ def unpack_frag(w: FragWeight) -> torch.Tensor:
 
 
 def w4a16_frag_ref(x: torch.Tensor, w: FragWeight, bias: torch.Tensor | None = None):
-    """x (..., K) -> (..., N): dequantize (float32 arithmetic, x's dtype), then F.linear."""
-    N, K = w.shape
-    G = w.group_size
-    q = unpack_frag(w).view(N, K // G, G).float()
-    deq = (q - w.zeros.float()[..., None]) * w.scales.float()[..., None]   # (N, K/G, G)
-    return F.linear(x, deq.view(N, K).to(x.dtype), bias)
+    """x (..., K) -> (..., N): the codes read back from the frag layout, then w4a16_linear_ref
+    (dequantize in float32, round to x's dtype, F.linear)."""
+    return w4a16_linear_ref(x, pack_int4(unpack_frag(w)), w.scales, w.zeros, w.group_size, bias)
 
 
 # ---------------------------------------------------------------------------- kernel

@@ -56,11 +56,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kernels._triton import (HAS_TRITON, interpreted, num_sms, pdl_launch, pdl_wait,
                              require_triton, tl, triton)
-from kernels.w4a16 import check_int4_shapes, unpack_int4
+from kernels.w4a16 import check_int4_shapes, pack_int4, unpack_int4, w4a16_linear_ref
 
 __all__ = ["GEMV_MAX_ROWS", "PairsWeight", "pack_pairs", "unpack_pairs", "w4a16_gemv_ref",
            "w4a16_gemv_triton", "TUNED"]
@@ -106,12 +105,9 @@ def unpack_pairs(w: PairsWeight) -> torch.Tensor:
 
 
 def w4a16_gemv_ref(x: torch.Tensor, w: PairsWeight, bias: torch.Tensor | None = None):
-    """x (..., K) -> (..., N): dequantize (float32 arithmetic, x's dtype), then F.linear."""
-    N, K = w.shape
-    G = w.group_size
-    q = unpack_pairs(w).view(N, K // G, G).float()
-    deq = (q - w.zeros.float()[..., None]) * w.scales.float()[..., None]   # (N, K/G, G)
-    return F.linear(x, deq.view(N, K).to(x.dtype), bias)
+    """x (..., K) -> (..., N): the codes read back from the pairs layout, then w4a16_linear_ref
+    (dequantize in float32, round to x's dtype, F.linear)."""
+    return w4a16_linear_ref(x, pack_int4(unpack_pairs(w)), w.scales, w.zeros, w.group_size, bias)
 
 
 # ---------------------------------------------------------------------------- PTX

@@ -67,6 +67,26 @@ def hf_tokenizer(model: str = "smollm2-135m"):
 
 
 # ---------------------------------------------------------------------------- chat prompts vs HF
+def random_int4(N: int, K: int, G: int, dtype=torch.float32, device=None):
+    """Fresh int4 weights for the W4A16 kernel tests: codes q (N, K) uint8 on the CPU, and
+    (qweight (N, K/2) in kernels/w4a16.py's layout, scales 0.01-0.1 in `dtype`, zero points
+    anywhere in 0..15) on `device` (default: the GPU when there is one, as the tests' DEV)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from kernels.w4a16 import pack_int4       # here, not at the top: the test file decides
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)             # TRITON_INTERPRET first
+    scales = (torch.rand(N, K // G) * 0.09 + 0.01).to(dtype)
+    zeros = torch.randint(0, 16, (N, K // G), dtype=torch.uint8)
+    return q, pack_int4(q).to(device), scales.to(device), zeros.to(device)
+
+
+def int4_reference64(x, q, scales, zeros, G):
+    """float64 from the drawn codes: W[n, k] = (q[n, k] - z[n, k//G]) s[n, k//G]; y = x W^T,
+    x (..., K) -> (M, N)."""
+    w = (q.double() - zeros.cpu().double().repeat_interleave(G, 1)) \
+        * scales.cpu().double().repeat_interleave(G, 1)                  # (N, K)
+    return x.reshape(-1, q.shape[1]).cpu().double() @ w.T                # (M, N)
+
+
 TOPICS = ["the moon", "rust programming", "a cat named Tofu", "tensor parallelism", "bread baking",
           "the French revolution", "prime numbers", "jazz", "volcanoes", "KV caches", "sailing",
           "photosynthesis", "chess openings", "the number zero"]

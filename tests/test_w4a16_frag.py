@@ -25,24 +25,16 @@ from kernels._triton import HAS_TRITON  # noqa: E402
 from kernels.w4a16 import pack_int4  # noqa: E402
 from kernels.w4a16_frag import (pack_frag, unpack_frag, w4a16_frag_ref,  # noqa: E402
                                 w4a16_frag_triton)
+from tests.helpers import int4_reference64, random_int4  # noqa: E402
 
 DEV = "cuda" if _CUDA else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 
 
 def random_frag(N: int, K: int, G: int, dtype=torch.float32, device=DEV):
-    """Fresh codes, scales 0.01-0.1, zero points anywhere in 0..15; packed to the frag layout."""
-    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
-    scales = (torch.rand(N, K // G) * 0.09 + 0.01).to(dtype)
-    zeros = torch.randint(0, 16, (N, K // G), dtype=torch.uint8)
-    return q, pack_frag(pack_int4(q).to(device), scales.to(device), zeros.to(device), G)
-
-
-def reference64(x, q, scales, zeros, G):
-    """float64 from the drawn codes: W[n, k] = (q[n, k] - z[n, k//G]) s[n, k//G]; y = x W^T."""
-    w = (q.double() - zeros.cpu().double().repeat_interleave(G, 1)) \
-        * scales.cpu().double().repeat_interleave(G, 1)                  # (N, K)
-    return x.reshape(-1, q.shape[1]).cpu().double() @ w.T                # (M, N)
+    """tests.helpers.random_int4, packed to the frag layout -> (codes, FragWeight)."""
+    q, *stored = random_int4(N, K, G, dtype, device)
+    return q, pack_frag(*stored, G)
 
 
 def rel_err(y, ref):
@@ -71,7 +63,8 @@ def test_reference_matches_float64():
     G = 64
     q, w = random_frag(48, 192, G, device="cpu")
     x = torch.randn(3, 192, dtype=torch.float64)
-    torch.testing.assert_close(w4a16_frag_ref(x, w), reference64(x, q, w.scales, w.zeros, G),
+    torch.testing.assert_close(w4a16_frag_ref(x, w),
+                               int4_reference64(x, q, w.scales, w.zeros, G),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -99,7 +92,7 @@ def test_kernel_matches_float64(M, N, K, G, dtype):
     y = w4a16_frag_triton(x, w, out=out)
     assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
     tol = 1e-5 if dtype == torch.float32 else 2e-3
-    assert rel_err(y, reference64(x, q, w.scales, w.zeros, G)) < tol
+    assert rel_err(y, int4_reference64(x, q, w.scales, w.zeros, G)) < tol
 
 
 @needs_triton
@@ -108,7 +101,7 @@ def test_bias_split_and_batch_dims(split):
     q, w = random_frag(32, 256, 64)
     x = torch.randn(2, 3, 256, device=DEV)
     bias = torch.randn(32, device=DEV)
-    ref = reference64(x, q, w.scales, w.zeros, 64) + bias.cpu().double()
+    ref = int4_reference64(x, q, w.scales, w.zeros, 64) + bias.cpu().double()
     for _ in range(2):                  # the split-K counters are back at 0 after a call
         y = w4a16_frag_triton(x, w, bias, SPLIT_K=split)
         assert y.shape == (2, 3, 32)
@@ -135,9 +128,18 @@ def test_bad_input_is_refused():
 def test_gpu_real_shapes(K, N, M, G, asm):
     q, w = random_frag(N, K, G, torch.bfloat16)
     x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-    ref = reference64(x, q, w.scales, w.zeros, G)
+    ref = int4_reference64(x, q, w.scales, w.zeros, G)
     for _ in range(2):
         out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
         y = w4a16_frag_triton(x, w, out=out, asm=asm)
         assert not torch.isnan(y).any()
         assert rel_err(y, ref) < 1e-2
+
+
+def test_unknown_kernel_choice_is_refused():
+    import subprocess
+    import sys
+    env = {**os.environ, "LABKIT_W4A16": "marlin"}
+    r = subprocess.run([sys.executable, "-c", "import labkit.layers.linear"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "LABKIT_W4A16='marlin'" in r.stderr and "'frag'" in r.stderr

@@ -21,7 +21,8 @@ from kernels.w4a16 import dequantize_int4, w4a16_linear, w4a16_linear_ref  # noq
 from kernels.w4a16_gemm import (dequantize_int4_triton, w4a16_dequant_linear,  # noqa: E402
                                 w4a16_gemm_triton)
 
-from test_w4a16_kernel import DEV, random_int4, reference64  # noqa: E402  (same draws)
+from test_w4a16_kernel import DEV  # noqa: E402
+from tests.helpers import int4_reference64 as reference64, random_int4  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=3e-2, rtol=1e-2)}

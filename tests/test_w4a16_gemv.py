@@ -26,6 +26,7 @@ from kernels._triton import HAS_TRITON  # noqa: E402
 from kernels.w4a16 import pack_int4  # noqa: E402
 from kernels.w4a16_gemv import (GEMV_MAX_ROWS, pack_pairs, unpack_pairs,  # noqa: E402
                                w4a16_gemv_ref, w4a16_gemv_triton)
+from tests.helpers import int4_reference64, random_int4  # noqa: E402
 
 DEV = "cuda" if _CUDA else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -34,19 +35,9 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=3e-2,
 
 
 def random_pairs(N: int, K: int, G: int, dtype=torch.float32, device=DEV):
-    """Fresh codes, scales 0.01-0.1, zero points anywhere in 0..15; packed to pairs."""
-    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
-    scales = (torch.rand(N, K // G) * 0.09 + 0.01).to(dtype)
-    zeros = torch.randint(0, 16, (N, K // G), dtype=torch.uint8)
-    w = pack_pairs(pack_int4(q).to(device), scales.to(device), zeros.to(device), G)
-    return q, w
-
-
-def reference64(x, q, scales, zeros, G):
-    """float64 from the drawn codes: W[n, k] = (q[n, k] - z[n, k//G]) s[n, k//G]; y = x W^T."""
-    w = (q.double() - zeros.cpu().double().repeat_interleave(G, 1)) \
-        * scales.cpu().double().repeat_interleave(G, 1)                  # (N, K)
-    return x.reshape(-1, q.shape[1]).cpu().double() @ w.T                # (M, N)
+    """tests.helpers.random_int4, packed to pairs -> (codes, PairsWeight)."""
+    q, *stored = random_int4(N, K, G, dtype, device)
+    return q, pack_pairs(*stored, G)
 
 
 # ---------------------------------------------------------------------------- layout
@@ -75,7 +66,8 @@ def test_reference_matches_float64():
     G = 64
     q, w = random_pairs(48, 192, G, device="cpu")
     x = torch.randn(3, 192, dtype=torch.float64)
-    torch.testing.assert_close(w4a16_gemv_ref(x, w), reference64(x, q, w.scales, w.zeros, G),
+    torch.testing.assert_close(w4a16_gemv_ref(x, w),
+                               int4_reference64(x, q, w.scales, w.zeros, G),
                                atol=1e-5, rtol=1e-5)          # dequantized in float32
 
 
@@ -100,7 +92,8 @@ def test_kernel_matches_float64(M, N, K, G, cfg, dtype):
     out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)   # poisoned
     y = w4a16_gemv_triton(x, w, out=out, **(cfg or {}))
     assert y.data_ptr() == out.data_ptr() and not y.isnan().any()
-    torch.testing.assert_close(y.cpu().double(), reference64(x, q, w.scales, w.zeros, G), **TOL[dtype])
+    torch.testing.assert_close(y.cpu().double(), int4_reference64(x, q, w.scales, w.zeros, G),
+                               **TOL[dtype])
     assert not w.locks.any(), "the split-K counters must be back at 0 for the next call"
 
 
@@ -114,7 +107,7 @@ def test_kernel_twice_in_a_row_and_bias_and_leading_dims():
         x = torch.randn(2, 1, 256, device=DEV)                            # (B, L, K)
         y = w4a16_gemv_triton(x, w, bias=bias)
         assert y.shape == (2, 1, 40)
-        want = reference64(x, q, w.scales, w.zeros, G) + bias.cpu().double()
+        want = int4_reference64(x, q, w.scales, w.zeros, G) + bias.cpu().double()
         torch.testing.assert_close(y.reshape(2, 40).cpu().double(), want, **TOL[torch.float32])
 
 
@@ -139,7 +132,7 @@ def test_kernel_real_shapes_gpu(K, N, M, G, asm):
     q, w = random_pairs(N, K, G, torch.bfloat16)
     x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
     out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
-    want = reference64(x, q, w.scales, w.zeros, G)
+    want = int4_reference64(x, q, w.scales, w.zeros, G)
     for _ in range(2):                                   # the counters reset between calls
         y = w4a16_gemv_triton(x, w, out=out, asm=asm)
         err = (y.double().cpu() - want).abs().max() / want.abs().max()

@@ -23,26 +23,12 @@ if not _CUDA:       # read when the kernel file is first imported
 from kernels._triton import HAS_TRITON  # noqa: E402
 from kernels.w4a16 import (dequantize_int4, pack_int4, unpack_int4, w4a16_linear,  # noqa: E402
                            w4a16_linear_ref, w4a16_linear_triton)
+from tests.helpers import int4_reference64, random_int4  # noqa: E402
 
 DEV = "cuda" if _CUDA else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=3e-2, rtol=1e-2),
        torch.bfloat16: dict(atol=1e-1, rtol=2e-2)}
-
-
-def random_int4(N: int, K: int, G: int, dtype=torch.float32, device=DEV):
-    """Fresh codes, positive scales around 0.01-0.1, zero points anywhere in 0..15."""
-    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
-    scales = (torch.rand(N, K // G) * 0.09 + 0.01).to(dtype)
-    zeros = torch.randint(0, 16, (N, K // G), dtype=torch.uint8)
-    return q, pack_int4(q).to(device), scales.to(device), zeros.to(device)
-
-
-def reference64(x, q, scales, zeros, G):
-    """float64: W[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G]; y = x W^T."""
-    w = (q.double() - zeros.cpu().double().repeat_interleave(G, 1)) \
-        * scales.cpu().double().repeat_interleave(G, 1)                  # (N, K)
-    return x.cpu().double() @ w.T                                        # (M, N)
 
 
 # ---------------------------------------------------------------------------- layout
@@ -74,7 +60,7 @@ def test_reference_matches_float64():
     q, qw, s, z = random_int4(48, 192, G, device="cpu")
     x = torch.randn(7, 192)
     torch.testing.assert_close(w4a16_linear_ref(x, qw, s, z, G).double(),
-                               reference64(x, q, s, z, G), **TOL[torch.float32])
+                               int4_reference64(x, q, s, z, G), **TOL[torch.float32])
 
 
 # ---------------------------------------------------------------------------- kernel
@@ -102,7 +88,8 @@ def test_kernel_matches_float64(M, N, K, G, cfg, dtype):
     out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)   # poisoned
     y = w4a16_linear_triton(x, qw, s, z, G, out=out, **(cfg or {}))
     assert y.data_ptr() == out.data_ptr() and not y.isnan().any()
-    torch.testing.assert_close(y.cpu().double(), reference64(x, q, s, z, G), **TOL[dtype])
+    torch.testing.assert_close(y.cpu().double(), int4_reference64(x, q, s, z, G),
+                               **TOL[dtype])
 
 
 @needs_triton
@@ -114,7 +101,7 @@ def test_kernel_bias_and_leading_dims(split):
     bias = torch.randn(40, device=DEV)
     y = w4a16_linear_triton(x, qw, s, z, G, bias=bias, SPLIT_K=split, BLOCK_K=32)
     assert y.shape == (2, 3, 40)
-    want = reference64(x.reshape(6, 96), q, s, z, G) + bias.cpu().double()
+    want = int4_reference64(x.reshape(6, 96), q, s, z, G) + bias.cpu().double()
     torch.testing.assert_close(y.reshape(6, 40).cpu().double(), want, **TOL[torch.float32])
 
 
@@ -147,7 +134,7 @@ def test_kernel_real_shapes_gpu(K, N, M):
     x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
     out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
     y = w4a16_linear_triton(x, qw, s, z, G, out=out)
-    want = reference64(x, q, s, z, G)
+    want = int4_reference64(x, q, s, z, G)
     err = (y.double().cpu() - want).abs().max() / want.abs().max()
     assert not y.isnan().any() and err < 1e-2
 
@@ -160,5 +147,5 @@ def test_kernel_other_groups_gpu(M, G):
     q, qw, s, z = random_int4(N, K, G, torch.bfloat16)
     x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
     y = w4a16_linear_triton(x, qw, s, z, G)
-    want = reference64(x, q, s, z, G)
+    want = int4_reference64(x, q, s, z, G)
     assert ((y.double().cpu() - want).abs().max() / want.abs().max()) < 1e-2

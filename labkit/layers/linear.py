@@ -56,6 +56,9 @@ class W4A16Linear(nn.Module):
     on a GPU, so not the default (docs/PERF.md)."""
 
     gpu_kernel = os.environ.get("LABKIT_W4A16", "gemv")
+    if gpu_kernel not in ("gemv", "frag"):
+        raise ValueError(f"LABKIT_W4A16={gpu_kernel!r}: allowed values are 'gemv' (the default) "
+                         f"and 'frag'")
     FRAG_MAX_ROWS = 64
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
