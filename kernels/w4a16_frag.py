@@ -266,8 +266,10 @@ def _frag_kernel(x_ptr, wd_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, 
 
 
 def _config(M: int, N: int, K: int, device) -> dict:
-    """Tiles chosen from sm_90 SASS (instructions per code, registers), not yet from timings;
-    the interpreter gets small tiles. Split-K gives every SM about four programs."""
+    """Tiles from a sweep on an H100 (scripts/gpu_w4a16_frag.py, docs/PERF.md 2026-12-05): for
+    up to 64 rows a 64-wide N tile, 4 warps, 3 stages, and split-K to about four programs per SM
+    (two for 33-64 rows); more rows one 128 x 128 tile per program. The interpreter gets small
+    tiles."""
     if interpreted():
         return dict(BLOCK_N=16 if N % 32 else 32, BLOCK_M=16, BLOCK_K=64, SPLIT_K=2, num_warps=1,
                     num_stages=1)
@@ -275,10 +277,10 @@ def _config(M: int, N: int, K: int, device) -> dict:
     if M > 64:                       # compute-bound: two warpgroups, a 128 x 128 output tile
         return dict(BLOCK_N=128, BLOCK_M=128, BLOCK_K=bk, SPLIT_K=1, num_warps=8, num_stages=3)
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
-    bn = 128 if bm <= 32 and N >= 2048 else 64
-    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-    split = max(1, min(K // (2 * bk), triton.cdiv(4 * num_sms(device), tiles)))
-    return dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=3)
+    waves = 4 if bm <= 32 else 2
+    tiles = triton.cdiv(N, 64) * triton.cdiv(M, bm)
+    split = max(1, min(K // (2 * bk), triton.cdiv(waves * num_sms(device), tiles)))
+    return dict(BLOCK_N=64, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=3)
 
 
 def w4a16_frag_triton(x: torch.Tensor, w: FragWeight, bias: torch.Tensor | None = None,

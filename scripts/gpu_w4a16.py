@@ -20,6 +20,7 @@ Prints the table last. Acceptance (issue 10): >= 3.0x at M <= 16, >= 1.5x at M =
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -157,9 +158,9 @@ def decode_tokens_per_s(model: str, batch: int = 1, steps: int = 128) -> float:
         vocab = engine.model_config.vocab_size
         best = 0.0
         for _ in range(3):                      # the first round also captures CUDA graphs
-            gc = GenerationConfig(max_new_tokens=steps + 8, ignore_eos=True)
+            gen = GenerationConfig(max_new_tokens=steps + 8, ignore_eos=True)
             for _ in range(batch):
-                engine.add_request(torch.randint(0, vocab, (64,)).tolist(), gc)
+                engine.add_request(torch.randint(0, vocab, (64,)).tolist(), gen)
             engine.step()                                            # prefill
             engine.step()
             torch.cuda.synchronize()
@@ -173,6 +174,7 @@ def decode_tokens_per_s(model: str, batch: int = 1, steps: int = 128) -> float:
         return best
     finally:
         del engine
+        gc.collect()                    # the engine holds reference cycles (graphs, pools)
         torch.cuda.empty_cache()
 
 

@@ -154,21 +154,28 @@ def test_int4_engine_graphs_match_eager_and_reference_gpu():
 
 
 @pytest.mark.gpu
-def test_int4_engine_frag_kernel_gpu():
-    """The same with `W4A16Linear.gpu_kernel = "frag"` (kernels/w4a16_frag.py serves decode
-    batches and prefill chunks of up to 64 rows): CUDA graphs on and off give the same tokens,
-    and per-step logits stay within bf16 tolerance of the default kernels' engine."""
+@pytest.mark.parametrize("kernel", ["frag", "auto"])
+def test_int4_engine_frag_kernel_gpu(kernel):
+    """The same with `W4A16Linear.gpu_kernel` = "frag" (kernels/w4a16_frag.py serves decode
+    batches and prefill chunks of 1-64 rows) and "auto" (the default: the GEMV for one row, the
+    frag kernel for 2-64): CUDA graphs on and off give the same tokens, and per-step logits stay
+    within bf16 tolerance of an engine that never runs the frag kernel ("gemv")."""
     from labkit.layers.linear import W4A16Linear
     model = "dummy:smollm2-135m:int4-g64"
-    default = _engine(model, "triton", "bfloat16", "cuda", enforce_eager=True)
-    W4A16Linear.gpu_kernel = "frag"
+    saved = W4A16Linear.gpu_kernel
     try:
+        W4A16Linear.gpu_kernel = "gemv"
+        plain = _engine(model, "triton", "bfloat16", "cuda", enforce_eager=True)
+        W4A16Linear.gpu_kernel = kernel
         eager = _engine(model, "triton", "bfloat16", "cuda", enforce_eager=True)
         graphs = _engine(model, "triton", "bfloat16", "cuda")
         assert graphs.runner.graphs is not None
         assert _run(graphs) == _run(eager)
-        ra, rb = Recorder(default), Recorder(graphs)
-        outs_ref, outs = _run(default, False), _run(graphs, False)
-    finally:
+        ra, rb = Recorder(plain), Recorder(graphs)
         W4A16Linear.gpu_kernel = "gemv"
+        outs_ref = _run(plain, False)
+        W4A16Linear.gpu_kernel = kernel
+        outs = _run(graphs, False)
+    finally:
+        W4A16Linear.gpu_kernel = saved
     _assert_steps_close(ra, rb, outs_ref, outs)

@@ -143,3 +143,21 @@ def test_unknown_kernel_choice_is_refused():
     r = subprocess.run([sys.executable, "-c", "import labkit.layers.linear"], env=env,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "LABKIT_W4A16='marlin'" in r.stderr and "'frag'" in r.stderr
+
+
+@pytest.mark.parametrize("kernel", ["auto", "gemv", "frag"])
+def test_engine_picks_the_kernel_by_rows(kernel, monkeypatch):
+    """W4A16Linear's CUDA split by rows: "auto" GEMV at 1, frag at 2-64, the GEMMs beyond;
+    "gemv" never the frag kernel; "frag" from one row; a shape outside the frag layout
+    (out_features % 16) falls back to the GEMV / GEMMs."""
+    from kernels.w4a16_gemv import GEMV_MAX_ROWS
+    from labkit.layers.linear import W4A16Linear
+    monkeypatch.setattr(W4A16Linear, "gpu_kernel", kernel)
+    fits, odd = W4A16Linear(128, 64, 32), W4A16Linear(128, 40, 32)
+    got = {rows: fits._gpu_kernel_for(rows) for rows in (1, 2, 4, 5, 64, 65)}
+    small = {1: "gemv", 2: "gemv", 4: "gemv", 5: None, 64: None, 65: None}
+    want = {"auto": {1: "gemv", 2: "frag", 4: "frag", 5: "frag", 64: "frag", 65: None},
+            "gemv": small,
+            "frag": {1: "frag", 2: "frag", 4: "frag", 5: "frag", 64: "frag", 65: None}}[kernel]
+    assert GEMV_MAX_ROWS == 4 and got == want
+    assert {rows: odd._gpu_kernel_for(rows) for rows in small} == small

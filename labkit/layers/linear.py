@@ -44,22 +44,24 @@ class Linear(nn.Module):
 class W4A16Linear(nn.Module):
     """y = x W^T (+ b) with W held as 4-bit codes (kernels/w4a16.py has the layout):
     qweight (out, in/2) uint8, scales (out, in/G) in the model dtype, zeros (out, in/G) uint8.
-    On CUDA a decode batch of 1-4 rows runs the W4A16 GEMV (kernels/w4a16_gemv.py) on a copy of
-    the codes repacked once into its "pairs" layout, larger batches the tensor-core kernel; bf16
-    rows on the CPU (decode and prefill) run PyTorch's int4 CPU kernel on a copy repacked for it
-    (kernels/w4a16_cpu.py); everything else the reference: dequantize the whole weight, multiply.
-    The repacked copies are made at load (pack_w4a16_copies) and again if a tensor changes.
+    On CUDA (`gpu_kernel = "auto"`, the default) one row runs the W4A16 GEMV
+    (kernels/w4a16_gemv.py) on a copy of the codes repacked into its "pairs" layout, 2-64 rows
+    the tensor-core kernel of kernels/w4a16_frag.py on a copy in the MMA's fragment order, more
+    rows kernels/w4a16.py's GEMMs; bf16 rows on the CPU (decode and prefill) run PyTorch's int4
+    CPU kernel on a copy repacked for it (kernels/w4a16_cpu.py); everything else the reference:
+    dequantize the whole weight, multiply. The repacked copies are made at load
+    (pack_w4a16_copies) and again if a tensor changes. The split by rows is measured on an H100
+    (docs/PERF.md, 2026-12-05): the GEMV wins at one row, the frag kernel from two to 64.
 
-    `gpu_kernel = "frag"` (class-wide; LABKIT_W4A16=frag) sends CUDA batches of up to
-    FRAG_MAX_ROWS rows to the tensor-core kernel of kernels/w4a16_frag.py instead, on a copy in
-    its fragment order: written and checked on the CPU (interpreter, sm_90 SASS), not yet timed
-    on a GPU, so not the default (docs/PERF.md)."""
+    `gpu_kernel` (class-wide; LABKIT_W4A16) picks another split for comparisons: "gemv" (the GEMV
+    for 1-4 rows, then the GEMMs: no frag copy) or "frag" (the frag kernel for 1-64 rows)."""
 
-    gpu_kernel = os.environ.get("LABKIT_W4A16", "gemv")
-    if gpu_kernel not in ("gemv", "frag"):
-        raise ValueError(f"LABKIT_W4A16={gpu_kernel!r}: allowed values are 'gemv' (the default) "
-                         f"and 'frag'")
-    FRAG_MAX_ROWS = 64
+    GPU_KERNELS = ("auto", "gemv", "frag")
+    gpu_kernel = os.environ.get("LABKIT_W4A16", "auto")
+    if gpu_kernel not in GPU_KERNELS:
+        raise ValueError(f"LABKIT_W4A16={gpu_kernel!r}: allowed values are 'auto' (the default), "
+                         f"'gemv' and 'frag'")
+    FRAG_MIN_ROWS, FRAG_MAX_ROWS = 2, 64       # "auto"'s rows for the frag kernel
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
         super().__init__()
@@ -74,22 +76,26 @@ class W4A16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if x.is_cuda and HAS_TRITON and rows <= self.FRAG_MAX_ROWS and self._frag_ok():
+        kernel = self._gpu_kernel_for(rows) if x.is_cuda and HAS_TRITON else None
+        if kernel == "frag":
             return w4a16_frag.w4a16_frag_triton(x, self._repacked("frag"), self.bias)
-        if x.is_cuda and HAS_TRITON and rows <= w4a16_gemv.GEMV_MAX_ROWS:
-            return w4a16_gemv.w4a16_gemv_triton(x, self._repacked("gpu"), self.bias)
+        if kernel == "gemv":
+            return w4a16_gemv.w4a16_gemv_triton(x, self._repacked("pairs"), self.bias)
         if (x.device.type == "cpu" and x.dtype == torch.bfloat16
                 and w4a16_cpu.supported(self.qweight, self.group_size)):
             return w4a16_cpu.w4a16_linear_cpu(x, *self._repacked("cpu"), self.group_size, self.bias)
         return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
-    def _frag_ok(self) -> bool:
-        """The frag kernel is chosen and the layout holds this shape."""
-        return (self.gpu_kernel == "frag" and self.out_features % 16 == 0
-                and self.in_features % 64 == 0)
+    def _gpu_kernel_for(self, rows: int) -> str | None:
+        """"frag", "gemv" or None (kernels/w4a16.py's GEMMs) for `rows` rows on CUDA."""
+        fits = self.out_features % 16 == 0 and self.in_features % 64 == 0   # the frag layout
+        lo = 1 if self.gpu_kernel == "frag" else self.FRAG_MIN_ROWS
+        if self.gpu_kernel != "gemv" and fits and lo <= rows <= self.FRAG_MAX_ROWS:
+            return "frag"
+        return "gemv" if rows <= w4a16_gemv.GEMV_MAX_ROWS else None
 
     def _repacked(self, kind: str):
-        """A kernel's copy of the weight ("gpu": the GEMV's pairs layout, "frag": the tensor-core
+        """A kernel's copy of the weight ("pairs": the GEMV's layout, "frag": the tensor-core
         kernel's fragment order, "cpu": PyTorch's int4 CPU format), made on first use and again
         if a tensor changes in place or is replaced."""
         tensors = (self.qweight, self.scales, self.zeros)
@@ -97,7 +103,7 @@ class W4A16Linear(nn.Module):
             tuple(t._version for t in tensors if not t.is_inference())
         hit = self.__dict__.get("_repacked_" + kind)             # (key, copy)
         if hit is None or hit[0] != key:
-            pack = {"gpu": w4a16_gemv.pack_pairs, "frag": w4a16_frag.pack_frag,
+            pack = {"pairs": w4a16_gemv.pack_pairs, "frag": w4a16_frag.pack_frag,
                     "cpu": w4a16_cpu.pack_for_cpu}[kind]
             hit = (key, pack(*tensors, self.group_size))
             self.__dict__["_repacked_" + kind] = hit              # not a buffer: not saved, not moved
@@ -113,8 +119,8 @@ DECODER_LINEARS = ("attention.w_qkv", "attention.wo", "feed_forward.w13", "feed_
 
 def pack_w4a16_copies(model: nn.Module) -> int:
     """Make every W4A16Linear's kernel copy now, at load time, not in the first decode step: on
-    CUDA the GEMV's pairs layout (before any CUDA graph is captured, and counted in the memory the KV
-    cache is sized from), on a bf16 CPU model the int4 CPU kernel's format (~0.5 s for the
+    CUDA the GEMV's pairs layout and the frag kernel's copy, each where `gpu_kernel` uses it
+    (before any CUDA graph is captured, and counted in the memory the KV cache is sized from), on a bf16 CPU model the int4 CPU kernel's format (~0.5 s for the
     bundled model: a latency spike for the first request and a skewed first benchmark point).
     Returns how many layers were packed."""
     packed = 0
@@ -122,7 +128,10 @@ def pack_w4a16_copies(model: nn.Module) -> int:
         if not isinstance(m, W4A16Linear):
             continue
         if m.qweight.is_cuda and HAS_TRITON:
-            m._repacked("frag" if m._frag_ok() else "gpu")
+            kernels = {m._gpu_kernel_for(rows) for rows in range(1, m.FRAG_MAX_ROWS + 1)}
+            for kind in ("frag", "gemv"):
+                if kind in kernels:
+                    m._repacked("pairs" if kind == "gemv" else kind)
         elif (m.qweight.device.type == "cpu" and m.scales.dtype == torch.bfloat16
               and w4a16_cpu.supported(m.qweight, m.group_size)):
             m._repacked("cpu")
