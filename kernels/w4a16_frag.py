@@ -38,7 +38,9 @@ with the dequantization in float32 Triton operations (`ASM=False`).
 Split-K in one launch, as kernels/w4a16_gemv.py does it: with SPLIT > 1 the K range of an
 output tile is shared by SPLIT programs; each writes its fp32 partial sums, bumps the tile's
 counter (atomic, acq_rel), and the program that arrives last adds the partials (+ bias), writes
-y and resets the counter. The counters (`locks`) belong to the packed weight.
+y and resets the counter. The counters (`locks`) belong to the packed weight. On Hopper it
+launches with PDL (kernels/_triton.py): its programs start during the previous kernel's tail and
+wait for it before the first read of x.
 
     w4a16_frag_ref(x, w)         the reference: dequantize, then F.linear
     w4a16_frag_triton(x, w)      the kernel, same contract, any M
@@ -50,7 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._triton import HAS_TRITON, interpreted, num_sms, require_triton, tl, triton
+from kernels._triton import (HAS_TRITON, interpreted, num_sms, pdl_launch, pdl_wait,
+                             require_triton, tl, triton)
 from kernels.w4a16 import check_int4_shapes, pack_int4, unpack_int4, w4a16_linear_ref
 
 __all__ = ["FragWeight", "pack_frag", "unpack_frag", "w4a16_frag_ref", "w4a16_frag_triton"]
@@ -200,7 +203,7 @@ def _frag_kernel(x_ptr, wd_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, 
                  K_PER_SPLIT, SPLIT, stride_xm, stride_ym,
                  GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 ASM: tl.constexpr, IEEE: tl.constexpr):
+                 ASM: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
     NB: tl.constexpr = BLOCK_N // 16                               # row blocks of the tile
     dt = x_ptr.dtype.element_ty
     pid, pid_s = tl.program_id(0), tl.program_id(1)
@@ -220,6 +223,7 @@ def _frag_kernel(x_ptr, wd_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)                 # y^T tile
     k_begin = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    pdl_wait(PDL)                                                  # x and y are written before
     for k0 in range(k_begin, k_end, BLOCK_K):
         sa_lo, sa_hi, za_lo, za_hi = _group(s_ptr, z_ptr, k0 // GROUP, N, row, blk_ok)
         for v in tl.static_range(BLOCK_K // 64):                   # 64 columns: 4 chunks
@@ -314,10 +318,11 @@ def w4a16_frag_triton(x: torch.Tensor, w: FragWeight, bias: torch.Tensor | None 
     if split > 1 and tiles > w.locks.numel():
         raise ValueError(f"SPLIT_K={split} needs one counter per output tile: {tiles} tiles of "
                          f"{bn} x {bm} for {w.locks.numel()} counters; use fewer rows or no split")
+    pdl = pdl_launch(x2)
     part = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else y
     _frag_kernel[(tiles, split)](
         x2, w.words, w.scales_t, w.zeros_t, bias if bias is not None else y, y, part, w.locks,
         M, N, K, k_per_split, split, x2.stride(0), y.stride(0), GROUP=w.group_size, BLOCK_N=bn,
         BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split > 1, HAS_BIAS=bias is not None, ASM=asm,
-        IEEE=x.dtype == torch.float32, **cfg)
+        IEEE=x.dtype == torch.float32, PDL=pdl, launch_pdl=pdl, **cfg)
     return y.view(*lead, N)

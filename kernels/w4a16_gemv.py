@@ -308,17 +308,19 @@ def _gemv_kernel(x_ptr, qp_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
             tl.store(out + 3 * stride_ym, y3.to(dt), mask=n_ok)
 
 
-# Winners of a 27-tile sweep on an H200 (BLOCK_N 16/32/64 x 1/2/4 warps x 2/4/8 programs per
-# SM), keyed by (N, K, M) with M in (1, 4): M = 2 takes M = 1's tiles, M = 3 takes M = 4's
-# (docs/PERF.md). About 8-10 programs per SM win everywhere.
+# Winners of tile sweeps keyed by (N, K, M) with M in (1, 4): M = 2 takes M = 1's tiles, M = 3
+# takes M = 4's (docs/PERF.md). M = 4 and the M = 1 rows of (14336, 4096) and (11008, 4096):
+# a 27-tile sweep on an H200 (BLOCK_N 16/32/64 x 1/2/4 warps x 2/4/8 programs per SM). The
+# other M = 1 rows: the wider sweep (two groups per step, a register cap) on an H100,
+# 2026-12-05, 3-11% faster than the H200's tiles there. Both chips have 132 SMs.
 TUNED: dict[tuple[int, int, int], dict] = {
-    (12288, 4096, 1): dict(BLOCK_N=64, GPI=1, SPLIT=6, num_warps=2),
+    (12288, 4096, 1): dict(BLOCK_N=32, GPI=1, SPLIT=3, num_warps=2, maxnreg=96),
     (12288, 4096, 4): dict(BLOCK_N=64, GPI=1, SPLIT=3, num_warps=4),
-    (4096, 4096, 1): dict(BLOCK_N=32, GPI=1, SPLIT=9, num_warps=2),
+    (4096, 4096, 1): dict(BLOCK_N=32, GPI=2, SPLIT=11, num_warps=4),
     (4096, 4096, 4): dict(BLOCK_N=64, GPI=1, SPLIT=9, num_warps=4),
-    (22016, 4096, 1): dict(BLOCK_N=32, GPI=1, SPLIT=2, num_warps=2),
+    (22016, 4096, 1): dict(BLOCK_N=32, GPI=2, SPLIT=2, num_warps=4),
     (22016, 4096, 4): dict(BLOCK_N=64, GPI=1, SPLIT=4, num_warps=4),
-    (4096, 11008, 1): dict(BLOCK_N=64, GPI=1, SPLIT=17, num_warps=2),
+    (4096, 11008, 1): dict(BLOCK_N=32, GPI=2, SPLIT=7, num_warps=4),
     (4096, 11008, 4): dict(BLOCK_N=64, GPI=1, SPLIT=9, num_warps=4),
     (11008, 4096, 1): dict(BLOCK_N=64, GPI=1, SPLIT=7, num_warps=2),
     (11008, 4096, 4): dict(BLOCK_N=64, GPI=1, SPLIT=7, num_warps=4),
