@@ -10,6 +10,7 @@ slice of the weight its rank owns, and the model all-reduces after the row-paral
 Weight layout is torch's and TurboMind's: (out_features, in_features). The product goes
 through the op backend: F.linear (cuBLAS / CPU BLAS), or on the GPU for a decode batch of at
 most 16 rows in bf16 a Triton kernel that streams the weights faster (kernels/gemv.py).
+`W4A16Linear` holds 4-bit codes and picks its kernel by the number of rows (its docstring).
 """
 from __future__ import annotations
 
