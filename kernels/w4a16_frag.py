@@ -223,7 +223,7 @@ def _frag_kernel(x_ptr, wd_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)                 # y^T tile
     k_begin = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
-    pdl_wait(PDL)                                                  # x and y are written before
+    pdl_wait(PDL)                                  # the kernel before writes x: wait for it
     for k0 in range(k_begin, k_end, BLOCK_K):
         sa_lo, sa_hi, za_lo, za_hi = _group(s_ptr, z_ptr, k0 // GROUP, N, row, blk_ok)
         for v in tl.static_range(BLOCK_K // 64):                   # 64 columns: 4 chunks

@@ -103,7 +103,6 @@ def bench_shape(K: int, N: int, M: int, sweep: bool) -> dict:
 def e2e(batches: list[int]) -> dict:
     """Decode tok/s per batch: bf16, and int4 with W4A16Linear.gpu_kernel "gemv" (no frag
     kernel) and "auto" (the default: GEMV at one row, the frag kernel at 2-64)."""
-    import gc
     import traceback
 
     from labkit.layers.linear import W4A16Linear
@@ -117,8 +116,6 @@ def e2e(batches: list[int]) -> dict:
                     out[batch][kernel] = decode_tokens_per_s("dummy:llama-2-7b:int4", batch)
                 finally:
                     W4A16Linear.gpu_kernel = "auto"
-                    gc.collect()                # engines hold cycles (graphs, pools)
-                    torch.cuda.empty_cache()
         except Exception as ex:
             traceback.print_exc()
             out[batch] = dict(error=f"{type(ex).__name__}: {ex}")

@@ -121,8 +121,9 @@ DECODER_LINEARS = ("attention.w_qkv", "attention.wo", "feed_forward.w13", "feed_
 def pack_w4a16_copies(model: nn.Module) -> int:
     """Make every W4A16Linear's kernel copy now, at load time, not in the first decode step: on
     CUDA the GEMV's pairs layout and the frag kernel's copy, each where `gpu_kernel` uses it
-    (before any CUDA graph is captured, and counted in the memory the KV cache is sized from), on a bf16 CPU model the int4 CPU kernel's format (~0.5 s for the
-    bundled model: a latency spike for the first request and a skewed first benchmark point).
+    (before any CUDA graph is captured, and counted in the memory the KV cache is sized from);
+    on a bf16 CPU model the int4 CPU kernel's format (~0.5 s for the bundled model: a latency
+    spike for the first request and a skewed first benchmark point).
     Returns how many layers were packed."""
     packed = 0
     for m in model.modules():
