@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks and timings this repository is waiting for, in two device calls (each < 10
-# minutes on an H200): run from the repository root with LABKIT_CACHE holding smollm2-tokenizer/.
+# GPU checks and timings in three device calls (each < 10 minutes on an H100 or H200): run from
+# the repository root with LABKIT_CACHE holding smollm2-tokenizer/. All three ran on an H100 on
+# 2026-12-05 (docs/PERF.md, "GPU: 2026-12-05 (late morning)"); they stay as the recipe to
+# re-measure after a kernel change.
 #
 #   bash scripts/gpu_pending.sh 1   (~7 minutes)
 #     1. correctness at real shapes of what was committed without a GPU run: the W4A16 GEMV's
