@@ -14,19 +14,13 @@ import os
 import pytest
 import torch
 
-try:
-    _CUDA = torch.cuda.is_available()
-except Exception:   # pragma: no cover
-    _CUDA = False
-if not _CUDA:       # read when the kernel file is first imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from kernels._triton import HAS_TRITON  # noqa: E402
-from kernels.w4a16 import pack_int4  # noqa: E402
-from kernels.w4a16_frag import (pack_frag, unpack_frag, w4a16_frag_ref,  # noqa: E402
+from kernels._triton import HAS_TRITON
+from kernels.w4a16 import pack_int4
+from kernels.w4a16_frag import (pack_frag, unpack_frag, w4a16_frag_ref,
                                 w4a16_frag_triton)
-from tests.helpers import int4_reference64, random_int4  # noqa: E402
+from tests.helpers import int4_reference64, random_int4
 
+_CUDA = torch.cuda.is_available()    # without one, conftest.py runs Triton in the interpreter
 DEV = "cuda" if _CUDA else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 

@@ -4,25 +4,16 @@ outputs poisoned with NaN first. Interpreter on CPU at small shapes (fp32, fp16)
 in bf16 on a GPU (marker `gpu`)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-try:
-    _CUDA = torch.cuda.is_available()
-except Exception:   # pragma: no cover
-    _CUDA = False
-if not _CUDA:       # read when the kernel file is first imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from kernels._triton import HAS_TRITON  # noqa: E402
-from kernels.w4a16 import dequantize_int4, w4a16_linear, w4a16_linear_ref  # noqa: E402
-from kernels.w4a16_gemm import (dequantize_int4_triton, w4a16_dequant_linear,  # noqa: E402
+from kernels._triton import HAS_TRITON
+from kernels.w4a16 import dequantize_int4, w4a16_linear, w4a16_linear_ref
+from kernels.w4a16_gemm import (dequantize_int4_triton, w4a16_dequant_linear,
                                 w4a16_gemm_triton)
 
-from test_w4a16_kernel import DEV  # noqa: E402
-from tests.helpers import int4_reference64 as reference64, random_int4  # noqa: E402
+from test_w4a16_kernel import DEV
+from tests.helpers import int4_reference64 as reference64, random_int4
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=3e-2, rtol=1e-2)}

@@ -8,23 +8,15 @@ Python reading of the layout documented in the kernel file.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-try:
-    _CUDA = torch.cuda.is_available()
-except Exception:   # pragma: no cover
-    _CUDA = False
-if not _CUDA:       # read when the kernel file is first imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from kernels._triton import HAS_TRITON  # noqa: E402
-from kernels.w4a16 import (dequantize_int4, pack_int4, unpack_int4, w4a16_linear,  # noqa: E402
+from kernels._triton import HAS_TRITON
+from kernels.w4a16 import (dequantize_int4, pack_int4, unpack_int4, w4a16_linear,
                            w4a16_linear_ref, w4a16_linear_triton)
-from tests.helpers import int4_reference64, random_int4  # noqa: E402
+from tests.helpers import int4_reference64, random_int4
 
+_CUDA = torch.cuda.is_available()    # without one, conftest.py runs Triton in the interpreter
 DEV = "cuda" if _CUDA else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=3e-2, rtol=1e-2),
